@@ -171,6 +171,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
 fn main() {
     let n: u64 = std::env::var("MICROFW_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let repeats = 5;
+    if std::env::var("MICROFW_BENCH_ONLY").as_deref() == Ok("raw") {
+        // For profilers: one scenario, no baselines.
+        run_events(n, false);
+        return;
+    }
     // Warm up.
     run_events(n / 10, false);
     run_events(n / 10, true);

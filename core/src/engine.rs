@@ -15,7 +15,7 @@ use crate::action::{
     PublishError, Source, Subscribe, Transport,
 };
 use crate::extract::{Attempt, Extensions, Job, JobInput, JobParts, PayloadData};
-use crate::ids::{CallId, ContextId, DeliveryRef, DispatchId, PublishId, RouteId, SubscriptionId};
+use crate::ids::{CallId, ContextId, DeliveryRef, DispatchId, IdMap, PublishId, RouteId, SubscriptionId};
 use crate::message::{Body, Envelope, FieldValue, Headers, Properties, RemoteError, RpcReply, RpcRequest};
 use crate::outcome::{HandlerError, Outcome, Rejection, RejectionStage};
 use crate::retry::{RetryDecision, ladder_delay};
@@ -103,13 +103,13 @@ pub struct Engine {
     contexts: Vec<ContextEntry>,
     subs: Vec<SubEntry>,
     timers: Vec<TimerEntry>,
-    running: HashMap<DispatchId, Running>,
+    running: IdMap<DispatchId, Running>,
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
-    delayed_tasks: HashMap<u64, Task>,
+    delayed_tasks: IdMap<u64, Task>,
     calls: HashMap<String, PendingCall>,
-    call_index: HashMap<CallId, String>,
+    call_index: IdMap<CallId, String>,
     deadlines: BinaryHeap<Reverse<(Instant, CallId)>>,
-    publishes: HashMap<PublishId, AfterPublish>,
+    publishes: IdMap<PublishId, AfterPublish>,
     actions: VecDeque<Action>,
     rng: Rng,
     reply_to: String,
@@ -136,13 +136,13 @@ impl Engine {
             contexts,
             subs: Vec::new(),
             timers: Vec::new(),
-            running: HashMap::new(),
+            running: IdMap::default(),
             delayed: BinaryHeap::new(),
-            delayed_tasks: HashMap::new(),
+            delayed_tasks: IdMap::default(),
             calls: HashMap::new(),
-            call_index: HashMap::new(),
+            call_index: IdMap::default(),
             deadlines: BinaryHeap::new(),
-            publishes: HashMap::new(),
+            publishes: IdMap::default(),
             actions: VecDeque::new(),
             rng,
             reply_to,

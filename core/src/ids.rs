@@ -102,3 +102,33 @@ impl fmt::Display for CorrelationId {
         f.write_str(&self.0)
     }
 }
+
+/// A hasher for the Engine's own sequential numeric ids (dispatches, publishes, calls): one
+/// multiply instead of SipHash. Not for keys that come from outside the process (a peer could
+/// choose colliding keys); those keep the std hasher.
+#[derive(Default, Clone, Copy, Debug)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: spreads sequential ids over the high bits hashbrown uses.
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by the Engine's own numeric ids.
+pub(crate) type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;

@@ -3,8 +3,6 @@
 //! The Engine never draws OS randomness. Runtimes seed it from OS entropy; tests use fixed
 //! seeds, which makes every id and every jittered delay reproducible.
 
-use std::fmt::Write as _;
-
 /// A small, fast, seedable generator (xoshiro256++ seeded through SplitMix64).
 ///
 /// Not cryptographic: ids it makes are unique in practice (122 random bits per uuid), not
@@ -50,22 +48,26 @@ impl Rng {
     /// A random version-4 UUID in its hyphenated lowercase form, as Nameko writes
     /// correlation ids and reply routing keys.
     pub fn uuid4(&mut self) -> String {
-        let hi = self.next_u64();
-        let lo = self.next_u64();
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&hi.to_be_bytes());
-        bytes[8..].copy_from_slice(&lo.to_be_bytes());
-        bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
-        bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+        let bits = (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64());
         let mut out = String::with_capacity(36);
-        for (i, b) in bytes.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                out.push('-');
-            }
-            // Writing to a String cannot fail.
-            let _ = write!(out, "{b:02x}");
-        }
+        push_uuid4(&mut out, bits);
         out
+    }
+}
+
+/// Appends `bits` (big-endian) as a hyphenated lowercase version-4 uuid, setting the version
+/// and variant bits. No `fmt` machinery: this runs once per RPC call and per call id.
+pub(crate) fn push_uuid4(out: &mut String, bits: u128) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = bits.to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
 }
 
@@ -95,6 +97,13 @@ mod tests {
         assert!(parts[2].starts_with('4'));
         assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
         assert_ne!(id, rng.uuid4());
+    }
+
+    #[test]
+    fn uuid_formatting_matches_the_canonical_form() {
+        let mut out = String::new();
+        push_uuid4(&mut out, 0x123e4567_e89b_42d3_a456_426614174000);
+        assert_eq!(out, "123e4567-e89b-42d3-a456-426614174000");
     }
 
     #[test]

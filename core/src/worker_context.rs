@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use crate::message::{FieldValue, Headers};
+use crate::rng::push_uuid4;
 
 /// Most entries a worker's call id stack holds: Nameko's `parent_calls_tracked` (10) plus the
 /// worker's own call id.
@@ -258,22 +259,6 @@ fn prefixed(key: &str) -> String {
     name.push_str(NAMEKO_PREFIX);
     name.push_str(key);
     name
-}
-
-/// Appends `bits` as a hyphenated lowercase version-4 uuid, the same text
-/// [`Rng::uuid4`](crate::rng::Rng::uuid4) makes from the same 128 bits (big-endian).
-fn push_uuid4(out: &mut String, bits: u128) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bytes = bits.to_be_bytes();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
-    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
 }
 
 #[cfg(test)]
