@@ -236,3 +236,182 @@ fn restore_origin(envelope: &mut Envelope) {
 fn other(e: BrokerError) -> PublishError {
     PublishError::Other(e.to_string())
 }
+
+/// Many links over one [`MemoryBroker`]: the embedded transport of a whole process, where
+/// several services exchange events and RPC with no broker installed.
+///
+/// Pure like the rest of the core: a runtime wraps it in a mutex, calls
+/// [`pump`](Self::pump) after every operation (and at [`poll_timeout`](Self::poll_timeout), for
+/// delayed retries), and forwards each [`Delivery`] to the Engine owning its link.
+#[derive(Debug, Default)]
+pub struct MemoryHub {
+    broker: MemoryBroker,
+    links: Vec<Option<MemoryLink>>,
+}
+
+impl MemoryHub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        MemoryHub::default()
+    }
+
+    /// Opens a link (one per Engine).
+    pub fn open_link(&mut self) -> LinkId {
+        let id = LinkId::from_raw(self.links.len() as u32);
+        self.links.push(Some(MemoryLink::new(id)));
+        id
+    }
+
+    /// Closes a link: its consumers are cancelled and their unacked deliveries go back to
+    /// their queues (as when an AMQP connection drops).
+    pub fn close_link(&mut self, link: LinkId) {
+        if let Some(slot) = self.links.get_mut(link.into_raw() as usize)
+            && let Some(mut l) = slot.take()
+        {
+            l.close(&mut self.broker);
+        }
+    }
+
+    /// Carries out an [`Action::Subscribe`](crate::Action::Subscribe) for `link`.
+    pub fn subscribe(&mut self, link: LinkId, subscribe: &Subscribe) -> Result<(), BrokerError> {
+        let index = link.into_raw() as usize;
+        let Some(l) = self.links.get_mut(index).and_then(Option::as_mut) else {
+            return Err(BrokerError::NoSuchQueue(format!("link {link} is closed")));
+        };
+        l.subscribe(&mut self.broker, subscribe)
+    }
+
+    /// Carries out an [`Action::Unsubscribe`](crate::Action::Unsubscribe) for `link`.
+    pub fn unsubscribe(&mut self, link: LinkId, id: SubscriptionId) -> Result<(), BrokerError> {
+        let index = link.into_raw() as usize;
+        match self.links.get_mut(index).and_then(Option::as_mut) {
+            Some(l) => l.unsubscribe(&mut self.broker, id),
+            None => Ok(()),
+        }
+    }
+
+    /// Carries out an [`Action::Publish`](crate::Action::Publish) for `link`; the result is
+    /// the publish's confirm.
+    pub fn publish(&mut self, link: LinkId, now: Instant, publish: Publish) -> Result<(), PublishError> {
+        let index = link.into_raw() as usize;
+        match self.links.get_mut(index).and_then(Option::as_mut) {
+            Some(l) => l.publish(&mut self.broker, now, publish),
+            None => Err(PublishError::LinkDown("link closed".to_owned())),
+        }
+    }
+
+    /// Acks a delivery. Unknown tags (already settled, or from a closed link) are ignored.
+    pub fn ack(&mut self, tag: DeliveryTag) {
+        let _ = self.broker.ack(tag);
+    }
+
+    /// Rejects a delivery (`requeue`: back to its queue). Unknown tags are ignored.
+    pub fn reject(&mut self, now: Instant, tag: DeliveryTag, requeue: bool) {
+        let _ = self.broker.reject_at(now, tag, requeue);
+    }
+
+    /// Hands every delivery the broker can make at `now` to `deliver`, each addressed to its
+    /// link ([`Delivery::link`]). Deliveries for a closed link go back to their queue.
+    pub fn pump(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
+        while let Some(d) = self.broker.next_delivery(now) {
+            let tag = d.tag;
+            let owner = self.links.iter().flatten().find(|l| l.owns(d.consumer));
+            match owner.and_then(|l| l.delivery(d)) {
+                Some(delivery) => deliver(delivery),
+                None => {
+                    // No live link consumes it any more: back to its queue, and stop pumping
+                    // (the broker would hand the same message out again).
+                    let _ = self.broker.reject_at(now, tag, true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// When the broker next needs [`pump`](Self::pump) for time to pass (a delayed retry's
+    /// waiting queue expiring).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.broker.poll_timeout()
+    }
+
+    /// The broker, for inspection.
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+
+    /// The broker, to declare or publish by hand (tests, standalone dispatchers).
+    pub fn broker_mut(&mut self) -> &mut MemoryBroker {
+        &mut self.broker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::Transport;
+    use crate::ids::PublishId;
+    use crate::message::Envelope;
+
+    fn event_subscription() -> Subscribe {
+        Subscribe {
+            id: SubscriptionId::from_raw(3),
+            transport: Transport::Broker,
+            source: Source::Event {
+                source_service: "src".into(),
+                event_type: "evt".into(),
+                handler_type: HandlerType::ServicePool,
+                dialect: Dialect::Nameko,
+                service: "svc".into(),
+                route: "h".into(),
+            },
+            prefetch: 10,
+        }
+    }
+
+    fn emit(body: &'static str) -> Publish {
+        Publish {
+            id: PublishId::from_raw(1),
+            transport: Transport::Broker,
+            destination: Destination::Event {
+                source_service: "src".into(),
+                event_type: "evt".into(),
+                dialect: Dialect::Nameko,
+            },
+            mandatory: false,
+            envelope: Envelope::raw("", "", body),
+        }
+    }
+
+    #[test]
+    fn hub_routes_a_publish_from_one_link_to_the_subscriber_on_another() {
+        let mut hub = MemoryHub::new();
+        let consumer = hub.open_link();
+        let producer = hub.open_link();
+        hub.subscribe(consumer, &event_subscription()).unwrap();
+        hub.publish(producer, Instant::EPOCH, emit("1")).unwrap();
+        let mut got = Vec::new();
+        hub.pump(Instant::EPOCH, |d| got.push(d));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].link, consumer);
+        assert_eq!(got[0].subscription, SubscriptionId::from_raw(3));
+        assert_eq!(got[0].envelope.routing_key, "evt");
+        assert_eq!(hub.broker().unacked_len("evt-src-evt--svc.h"), Some(1));
+        hub.ack(got[0].tag);
+        assert_eq!(hub.broker().unacked_len("evt-src-evt--svc.h"), Some(0));
+    }
+
+    #[test]
+    fn closing_a_link_returns_its_unacked_deliveries_to_the_queue() {
+        let mut hub = MemoryHub::new();
+        let consumer = hub.open_link();
+        hub.subscribe(consumer, &event_subscription()).unwrap();
+        hub.publish(consumer, Instant::EPOCH, emit("1")).unwrap();
+        hub.pump(Instant::EPOCH, |_| {});
+        hub.close_link(consumer);
+        assert_eq!(hub.broker().queue_len("evt-src-evt--svc.h"), Some(1));
+        assert_eq!(
+            hub.publish(consumer, Instant::EPOCH, emit("2")),
+            Err(PublishError::LinkDown("link closed".into()))
+        );
+    }
+}
