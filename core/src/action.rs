@@ -64,8 +64,11 @@ pub enum Source {
         /// The dialect served.
         dialect: Dialect,
     },
-    /// WebSocket RPC requests.
-    WsRpc,
+    /// WebSocket RPC requests for this service.
+    WsRpc {
+        /// This service.
+        service: String,
+    },
     /// Replies to this Engine's RPC calls.
     Replies {
         /// The routing key replies are addressed to (the requests' `reply_to`).
@@ -125,7 +128,10 @@ pub struct Subscribe {
     pub transport: Transport,
     /// What to consume.
     pub source: Source,
-    /// At most this many unsettled deliveries in flight (AMQP prefetch).
+    /// At most this many unsettled deliveries in flight on this consumer (AMQP per-consumer
+    /// prefetch); 0 means unlimited (reply queues). A context with several event routes gives
+    /// each its own consumer with the context's prefetch, so the Engine may hold up to
+    /// routes x prefetch of that context's deliveries.
     pub prefetch: u32,
 }
 
@@ -178,8 +184,9 @@ pub enum Action {
     Publish(Publish),
     /// Acknowledge a delivery: it is done.
     Ack(DeliveryRef),
-    /// Give a delivery back: `requeue` true puts it back on its queue (shutdown), false drops
-    /// it (the Engine dead-letters by publishing, never by broker reject).
+    /// Give a delivery back: `requeue` true puts it back on its queue (unstarted work at
+    /// shutdown, or a settle publish that could not be made before the service stopped); false
+    /// drops it (the Engine dead-letters by publishing, never by broker reject).
     Reject {
         /// The delivery.
         delivery: DeliveryRef,
@@ -239,7 +246,8 @@ pub enum EngineEvent {
         /// The last failure.
         error: HandlerError,
     },
-    /// A message was rejected before its handler ran (filter, translator or decode failure).
+    /// The framework refused a message (payload decode, filter, translator or extractor
+    /// failure): never retried, settled as the route says.
     Rejected {
         /// The route.
         route: RouteId,
@@ -288,6 +296,22 @@ pub enum EngineEvent {
         /// Why.
         error: PublishError,
     },
+    /// A retry or dead-letter publish failed; the delivery stays unacked and the publish is
+    /// tried again after `retry_in`.
+    SettlePublishFailed {
+        /// The link's verdict.
+        error: PublishError,
+        /// Failures so far for this delivery.
+        failures: u32,
+        /// The pause before the next try.
+        retry_in: Duration,
+    },
+    /// A failure callback that had not started when the service stopped was skipped; its
+    /// delivery was settled without it.
+    CallbackSkipped {
+        /// The callback route.
+        route: RouteId,
+    },
     /// The shutdown timeout passed with work unfinished.
     ShutdownTimedOut {
         /// How much.
@@ -311,6 +335,9 @@ pub enum CallError {
     /// The transport lost the reply queue, so the reply can never arrive.
     #[error("the reply queue was lost")]
     ReplyQueueLost,
+    /// A reply arrived for this call but could not be read.
+    #[error("malformed reply: {0}")]
+    MalformedReply(String),
     /// The request could not be published.
     #[error("request not published: {0}")]
     Publish(PublishError),

@@ -105,7 +105,7 @@ pub struct Engine {
     timers: Vec<TimerEntry>,
     running: IdMap<DispatchId, Running>,
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
-    delayed_tasks: IdMap<u64, Task>,
+    delayed_tasks: IdMap<u64, Delayed>,
     calls: HashMap<String, PendingCall>,
     call_index: IdMap<CallId, String>,
     deadlines: BinaryHeap<Reverse<(Instant, CallId)>>,
@@ -121,7 +121,26 @@ pub struct Engine {
 
 impl Engine {
     /// An Engine for `service`, not yet started.
+    ///
+    /// # Panics
+    ///
+    /// If the spec is inconsistent, which [`Service::build`](crate::Service::build) never
+    /// produces; use [`try_new`](Self::try_new) for a hand-made spec.
     pub fn new(service: &ServiceSpec, config: EngineConfig) -> Self {
+        match Engine::try_new(service, config) {
+            Ok(engine) => engine,
+            Err(e) => panic!("{e} (build the spec with Service::build)"),
+        }
+    }
+
+    /// An Engine for `service`, or why its spec does not hold together (a route naming a
+    /// context or callback that does not exist, a zero budget, a zero timer interval).
+    pub fn try_new(service: &ServiceSpec, config: EngineConfig) -> Result<Self, crate::service::BuildError> {
+        service.check()?;
+        Ok(Engine::new_unchecked(service, config))
+    }
+
+    fn new_unchecked(service: &ServiceSpec, config: EngineConfig) -> Self {
         let mut rng = Rng::from_seed(config.seed);
         let reply_to = rng.uuid4();
         let contexts = service
@@ -278,15 +297,25 @@ impl Engine {
                 self.event(EngineEvent::ReplyLost { error });
                 self.actions.push_back(Action::Ack(delivery));
             }
-            (AfterPublish::AckOrRequeue(delivery), Ok(())) => self.actions.push_back(Action::Ack(delivery)),
-            (AfterPublish::AckOrRequeue(delivery), Err(_)) => {
-                // A retry or dead letter that did not reach the broker: give the message back
-                // rather than lose it. It returns through the handler, never in a tight loop.
-                self.actions.push_back(Action::Reject { delivery, requeue: true });
+            (AfterPublish::AckOrRetry(settling), Ok(())) => {
+                self.actions.push_back(Action::Ack(settling.delivery))
             }
-            (AfterPublish::Call(call), Ok(())) => {
-                let _ = call;
+            (AfterPublish::AckOrRetry(mut settling), Err(error)) => {
+                // A retry or dead letter that did not reach the broker: keep the delivery
+                // unacked and publish again after a growing pause. Requeueing it instead would
+                // bring a poison message straight back here, in a tight loop.
+                settling.failures += 1;
+                let delay = republish_backoff(settling.failures);
+                self.event(EngineEvent::SettlePublishFailed {
+                    error,
+                    failures: settling.failures,
+                    retry_in: delay,
+                });
+                let key = self.next();
+                self.delayed.push(Reverse((now + delay, key)));
+                self.delayed_tasks.insert(key, Delayed::Republish(*settling));
             }
+            (AfterPublish::Call(_), Ok(())) => {}
             (AfterPublish::Call(call), Err(error)) => {
                 let error = match error {
                     PublishError::Unroutable => {
@@ -299,7 +328,6 @@ impl Engine {
             }
             (AfterPublish::Emit, result) => self.actions.push_back(Action::Emitted { id, result }),
         }
-        let _ = now;
         self.check_stopped();
     }
 
@@ -323,8 +351,10 @@ impl Engine {
                 break;
             }
             self.delayed.pop();
-            if let Some(task) = self.delayed_tasks.remove(&key) {
-                self.admit(now, task);
+            match self.delayed_tasks.remove(&key) {
+                Some(Delayed::Task(task)) => self.admit(now, task),
+                Some(Delayed::Republish(settling)) => self.publish_settling(settling),
+                None => {}
             }
         }
         if matches!(self.phase, Phase::Running) {
@@ -333,7 +363,15 @@ impl Engine {
         if let Phase::Stopping { deadline } = self.phase
             && now >= deadline
         {
-            let unfinished = self.running.len() + self.contexts.iter().map(|c| c.held.len()).sum::<usize>();
+            let unsettled = self
+                .publishes
+                .values()
+                .filter(|p| matches!(p, AfterPublish::Ack(_) | AfterPublish::AckOrRetry(_)))
+                .count();
+            let unfinished = self.running.len()
+                + self.contexts.iter().map(|c| c.held.len()).sum::<usize>()
+                + self.delayed_tasks.len()
+                + unsettled;
             self.event(EngineEvent::ShutdownTimedOut { unfinished });
             self.stop(unfinished);
         }
@@ -344,12 +382,11 @@ impl Engine {
     /// [`Action::Resolve`] naming the returned id.
     pub fn handle_call(&mut self, now: Instant, call: OutgoingCall) -> CallId {
         let id = CallId(self.next());
-        if !matches!(self.phase, Phase::Running | Phase::Stopping { .. }) {
+        if matches!(self.phase, Phase::Stopped) {
             self.actions.push_back(Action::Resolve { call: id, result: Err(CallError::ShuttingDown) });
             return id;
         }
-        let reply_sub = self.reply_subscription(call.transport);
-        let _ = reply_sub;
+        self.reply_subscription(call.transport);
         let correlation = self.rng.uuid4();
         let timeout = call.timeout.unwrap_or(self.config.rpc_timeout);
         let headers = match &call.context {
@@ -387,8 +424,7 @@ impl Engine {
 
     /// Publishes an event. Its confirm (or failure) comes back as [`Action::Emitted`] with the
     /// returned id.
-    pub fn handle_emit(&mut self, now: Instant, event: OutgoingEvent) -> PublishId {
-        let _ = now;
+    pub fn handle_emit(&mut self, _now: Instant, event: OutgoingEvent) -> PublishId {
         let headers = event.context.map(|c| c.outbound_headers()).unwrap_or_default();
         let envelope = Envelope {
             exchange: String::new(),
@@ -419,8 +455,7 @@ impl Engine {
     /// The transport lost the reply queue of `transport` (it will not come back with its
     /// messages): every call waiting on it fails now with [`CallError::ReplyQueueLost`]. A
     /// plain reconnect is NOT this: the reply queue outlives it, and calls stay pending.
-    pub fn handle_reply_queue_lost(&mut self, now: Instant, transport: Transport) {
-        let _ = now;
+    pub fn handle_reply_queue_lost(&mut self, _now: Instant, transport: Transport) {
         let lost: Vec<CallId> =
             self.calls.values().filter(|c| c.transport == transport).map(|c| c.id).collect();
         for call in lost {
@@ -455,10 +490,19 @@ impl Engine {
                 handed_back.extend(context.held.drain(..));
             }
         }
-        handed_back.extend(std::mem::take(&mut self.delayed_tasks).into_values());
+        let delayed = std::mem::take(&mut self.delayed_tasks);
         self.delayed.clear();
         for task in handed_back {
-            self.hand_back(task);
+            self.hand_back(now, task);
+        }
+        for entry in delayed.into_values() {
+            match entry {
+                Delayed::Task(task) => self.hand_back(now, task),
+                // Its settlement never reached the broker: the message goes back to its queue.
+                Delayed::Republish(settling) => {
+                    self.actions.push_back(Action::Reject { delivery: settling.delivery, requeue: true });
+                }
+            }
         }
         self.check_stopped();
     }
@@ -609,6 +653,24 @@ struct Settlement {
     error: HandlerError,
 }
 
+/// A delayed piece of work.
+#[derive(Debug)]
+enum Delayed {
+    /// A job to run again (in-engine retry of a timer or WebSocket job).
+    Task(Task),
+    /// A retry or dead-letter publish to try again.
+    Republish(Settling),
+}
+
+/// A publish whose confirm settles a delivery: a copy is kept to publish again on failure.
+#[derive(Debug)]
+struct Settling {
+    delivery: DeliveryRef,
+    destination: Destination,
+    envelope: Envelope,
+    failures: u32,
+}
+
 #[derive(Debug)]
 struct PendingCall {
     id: CallId,
@@ -621,7 +683,9 @@ struct PendingCall {
 enum AfterPublish {
     Nothing,
     Ack(DeliveryRef),
-    AckOrRequeue(DeliveryRef),
+    /// A retry or dead-letter publish: ack the delivery once confirmed, publish again later
+    /// if it fails.
+    AckOrRetry(Box<Settling>),
     Call(CallId),
     Emit,
 }
@@ -684,19 +748,20 @@ impl Engine {
                     dialect,
                     &entry.spec.name,
                     id,
-                    prefetch,
+                    context,
                 ));
             }
             Entrypoint::WsRpc(_) => {
                 entry.transport = Some(Transport::WebSocket);
                 entry.retain_input |= retries;
+                let source = Source::WsRpc { service: self.service.to_string() };
                 entry.sub = Some(self.rpc_subscription(
                     Transport::WebSocket,
-                    Source::WsRpc,
+                    source,
                     Dialect::MicroFramework,
                     &entry.spec.name,
                     id,
-                    prefetch,
+                    context,
                 ));
             }
             Entrypoint::Timer(timer) => {
@@ -722,8 +787,9 @@ impl Engine {
         dialect: Dialect,
         method: &str,
         route: RouteId,
-        prefetch: u32,
+        context: ContextId,
     ) -> SubscriptionId {
+        let prefetch = self.contexts.get(context.0 as usize).map_or(1, |c| c.spec.prefetch);
         let existing = self.subs.iter().position(|s| s.transport == transport && s.source == source);
         let index = existing.unwrap_or_else(|| {
             self.subs.push(SubEntry {
@@ -736,10 +802,8 @@ impl Engine {
         });
         let sub = &mut self.subs[index];
         if let SubKind::Rpc { methods, .. } = &mut sub.kind {
-            let context_seen = methods.values().any(|r| {
-                self.routes.get(r.0 as usize).map(|e| e.context)
-                    == self.routes.get(route.0 as usize).map(|e| e.context)
-            });
+            let context_seen =
+                methods.values().any(|r| self.routes.get(r.0 as usize).map(|e| e.context) == Some(context));
             methods.insert(method.to_owned(), route);
             if !context_seen {
                 sub.prefetch = sub.prefetch.saturating_add(prefetch);
@@ -833,7 +897,11 @@ impl Engine {
     fn on_request(&mut self, now: Instant, delivery: DeliveryRef, sub: SubscriptionId, envelope: Envelope) {
         let entry = &self.subs[sub.0 as usize];
         let transport = entry.transport;
-        let SubKind::Rpc { methods, dialect } = &entry.kind else { return };
+        let SubKind::Rpc { methods, dialect } = &entry.kind else {
+            self.actions.push_back(Action::Ack(delivery));
+            self.event(EngineEvent::Unexpected { subscription: sub });
+            return;
+        };
         let dialect = *dialect;
         let Envelope { exchange, routing_key, headers, properties, body } = envelope;
         let reply = properties.reply_to.clone().map(|reply_to| ReplyAddr {
@@ -918,6 +986,12 @@ impl Engine {
             (Some(call), Body::Reply(RpcReply { result })) => {
                 self.resolve(call, result.map_err(CallError::Remote));
             }
+            (Some(call), _) => {
+                self.resolve(
+                    call,
+                    Err(CallError::MalformedReply("the reply body is not an RPC reply".into())),
+                );
+            }
             _ => {
                 self.unknown_replies += 1;
                 self.event(EngineEvent::UnknownReply { correlation_id: correlation });
@@ -940,6 +1014,12 @@ impl Engine {
     fn admit(&mut self, now: Instant, task: Task) {
         let context = self.routes[task.route.0 as usize].context;
         let ctx = &mut self.contexts[context.0 as usize];
+        let stopping = !matches!(self.phase, Phase::Running);
+        if stopping && ctx.spec.shutdown == ShutdownMode::FinishRunning && ctx.busy >= ctx.spec.max_workers {
+            // Nothing new starts in a full context that only finishes running work.
+            self.hand_back(now, task);
+            return;
+        }
         if ctx.busy < ctx.spec.max_workers && ctx.held.is_empty() {
             self.dispatch(now, task);
         } else {
@@ -964,14 +1044,13 @@ impl Engine {
         }
     }
 
-    fn dispatch(&mut self, now: Instant, task: Task) {
+    fn dispatch(&mut self, _now: Instant, task: Task) {
         let id = DispatchId(self.next());
         let call_uuid = self.draw_u128();
         let route = &self.routes[task.route.0 as usize];
         self.contexts[route.context.0 as usize].busy += 1;
         let context = WorkerContext::new(self.service.clone(), route.name.clone(), task.headers, call_uuid);
         let retained = route.retain_input.then(|| task.input.clone());
-        let _ = now;
         let job = Job {
             parts: JobParts {
                 dispatch: id,
@@ -1024,10 +1103,11 @@ impl Engine {
             self.routes[route.0 as usize].spec.retry.decide(attempt.retry_count, &error, now, &mut self.rng);
         match decision {
             RetryDecision::Retry { attempt: next, delay, at } => {
+                let broker = matches!(&origin, Origin::Delivery(o) if o.transport == Transport::Broker);
+                let delay = if broker { ladder_delay(delay) } else { delay };
                 self.event(EngineEvent::Retrying { route, attempt: next, delay, error: error.clone() });
                 match origin {
                     Origin::Delivery(o) if o.transport == Transport::Broker => {
-                        let delay = ladder_delay(delay);
                         let delivery = o.delivery;
                         let subscription = o.subscription;
                         let mut envelope = self.republished(&o, &error.error.message);
@@ -1036,13 +1116,7 @@ impl Engine {
                             .headers
                             .insert(LAST_RETRY_HEADER, FieldValue::I64(now.as_unix_millis() as i64));
                         let destination = Destination::Retry { subscription, delay };
-                        self.publish(
-                            Transport::Broker,
-                            destination,
-                            false,
-                            envelope,
-                            AfterPublish::AckOrRequeue(delivery),
-                        );
+                        self.publish_settling(Settling { delivery, destination, envelope, failures: 0 });
                     }
                     origin => {
                         let headers = match &origin {
@@ -1063,9 +1137,13 @@ impl Engine {
                             failure: None,
                             after_callback: None,
                         };
+                        if !matches!(self.phase, Phase::Running) {
+                            self.hand_back(now, task);
+                            return;
+                        }
                         let key = self.next();
                         self.delayed.push(Reverse((at, key)));
-                        self.delayed_tasks.insert(key, task);
+                        self.delayed_tasks.insert(key, Delayed::Task(task));
                     }
                 }
             }
@@ -1079,7 +1157,7 @@ impl Engine {
                             _ => Headers::new(),
                         };
                         let task = Task {
-                            route: RouteId(callback as u32),
+                            route: callback,
                             origin: Origin::Detached,
                             input: input.unwrap_or(JobInput::None),
                             headers,
@@ -1121,13 +1199,12 @@ impl Engine {
                     self.event(EngineEvent::DeadLettered { route });
                     let envelope = self.republished(&o, &error.error.message);
                     let destination = Destination::DeadLetter { subscription: o.subscription };
-                    self.publish(
-                        Transport::Broker,
+                    self.publish_settling(Settling {
+                        delivery: o.delivery,
                         destination,
-                        false,
                         envelope,
-                        AfterPublish::AckOrRequeue(o.delivery),
-                    );
+                        failures: 0,
+                    });
                 }
             }
             Origin::Timer(index) => self.timer_done(now, index),
@@ -1174,6 +1251,18 @@ impl Engine {
         };
         let destination = Destination::Reply { reply_to: reply.reply_to.clone(), dialect: reply.dialect };
         self.publish(transport, destination, false, envelope, after);
+    }
+
+    fn publish_settling(&mut self, settling: Settling) {
+        let envelope = settling.envelope.clone();
+        let destination = settling.destination.clone();
+        self.publish(
+            Transport::Broker,
+            destination,
+            false,
+            envelope,
+            AfterPublish::AckOrRetry(Box::new(settling)),
+        );
     }
 
     fn publish(
@@ -1236,13 +1325,16 @@ impl Engine {
         }
     }
 
-    /// Gives an unstarted task back at shutdown.
-    fn hand_back(&mut self, task: Task) {
-        let origin = match task.after_callback {
-            Some(settlement) => settlement.origin,
-            None => task.origin,
-        };
-        match origin {
+    /// Gives an unstarted task back at shutdown. A failure callback that never started is
+    /// skipped: its route already gave up, so its delivery is settled (acked or dead-lettered)
+    /// rather than run through the route once more.
+    fn hand_back(&mut self, now: Instant, task: Task) {
+        if let Some(settlement) = task.after_callback {
+            self.event(EngineEvent::CallbackSkipped { route: task.route });
+            self.settle_given_up(now, *settlement);
+            return;
+        }
+        match task.origin {
             Origin::Delivery(o) => {
                 self.actions.push_back(Action::Reject { delivery: o.delivery, requeue: true })
             }
@@ -1256,6 +1348,7 @@ impl Engine {
             return;
         }
         let idle = self.running.is_empty()
+            && self.delayed_tasks.is_empty()
             && self.contexts.iter().all(|c| c.held.is_empty())
             && self
                 .publishes
@@ -1268,6 +1361,14 @@ impl Engine {
 
     fn stop(&mut self, unfinished: usize) {
         self.phase = Phase::Stopped;
+        self.running.clear();
+        for context in &mut self.contexts {
+            context.held.clear();
+            context.busy = 0;
+        }
+        self.delayed.clear();
+        self.delayed_tasks.clear();
+        self.publishes.retain(|_, p| matches!(p, AfterPublish::Call(_) | AfterPublish::Emit));
         let calls: Vec<CallId> = self.call_index.keys().copied().collect();
         for call in calls {
             self.resolve(call, Err(CallError::ShuttingDown));
@@ -1275,6 +1376,12 @@ impl Engine {
         self.deadlines.clear();
         self.actions.push_back(Action::Stopped { unfinished });
     }
+}
+
+/// The pause before publishing a failed retry or dead letter again: 1 s, 2 s, 4 s ... 60 s.
+fn republish_backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(6);
+    Duration::from_secs(secs.min(60))
 }
 
 /// The number of retries a message has been through, from its attempt header.

@@ -73,11 +73,11 @@ impl MemoryLink {
                 broker.bind(&queue, exchange, &format!("{service}.*"))?;
                 queue
             }
-            Source::WsRpc => {
+            Source::WsRpc { service } => {
                 broker.declare_exchange(WS_EXCHANGE, ExchangeKind::Topic)?;
-                let queue = format!("ws-rpc-{}", self.link);
+                let queue = format!("ws-rpc-{service}");
                 broker.declare_queue(&queue, QueueOptions::default())?;
-                broker.bind(&queue, WS_EXCHANGE, "#")?;
+                broker.bind(&queue, WS_EXCHANGE, &format!("{service}.*"))?;
                 queue
             }
             Source::Replies { reply_to } => {
@@ -126,7 +126,7 @@ impl MemoryLink {
         now: Instant,
         publish: Publish,
     ) -> Result<(), PublishError> {
-        let Publish { destination, mandatory, mut envelope, .. } = publish;
+        let Publish { destination, mandatory, mut envelope, transport, .. } = publish;
         let exchange = match destination {
             Destination::Event { source_service, event_type, .. } => {
                 let exchange = events_exchange(&source_service);
@@ -135,7 +135,10 @@ impl MemoryLink {
                 exchange
             }
             Destination::Rpc { service, method, dialect } => {
-                let exchange = rpc_exchange(dialect);
+                let exchange = match transport {
+                    crate::action::Transport::WebSocket => WS_EXCHANGE,
+                    crate::action::Transport::Broker => rpc_exchange(dialect),
+                };
                 broker.declare_exchange(exchange, ExchangeKind::Topic).map_err(other)?;
                 envelope.routing_key = format!("{service}.{method}");
                 exchange.to_owned()

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::handler::{BlockingHandler, BoxedHandler, Handler};
+use crate::ids::RouteId;
 use crate::message::RemoteError;
 use crate::retry::RetryPolicy;
 
@@ -227,8 +228,8 @@ pub struct RouteSpec {
     pub retry: RetryPolicy,
     /// How a given-up delivery is settled.
     pub on_give_up: Settle,
-    /// Index (into the same service's route list) of the failure callback route, if any.
-    pub callback: Option<usize>,
+    /// The failure callback route, if any (a route of the same service).
+    pub callback: Option<RouteId>,
     /// The metric label (`route` label), micro_framework's `Route__<target>` by default.
     pub metric_label: String,
     /// Doc text for target listings.

@@ -72,7 +72,7 @@ impl<S: Clone + Send + Sync + 'static> Service<S> {
                     (cb_spec, cb.handler)
                 });
                 if callback.is_some() {
-                    spec.callback = Some(routes.len() + 1);
+                    spec.callback = Some(RouteId(index_u32(routes.len() + 1)?));
                 }
                 routes.push((spec, context));
                 handlers.push(route.handler);
@@ -97,6 +97,43 @@ pub struct ServiceSpec {
     pub routes: Vec<(RouteSpec, ContextId)>,
     /// Contexts by [`ContextId`].
     pub contexts: Vec<ContextSpec>,
+}
+
+impl ServiceSpec {
+    /// Checks that the parts fit together; [`Service::build`] output always does.
+    pub fn check(&self) -> Result<(), BuildError> {
+        let bad = |what: String| Err(BuildError::InconsistentSpec(what));
+        for context in &self.contexts {
+            if context.max_workers == 0 {
+                return bad(format!("context {:?} has a budget of 0", context.metric_label));
+            }
+        }
+        for (spec, context) in &self.routes {
+            if context.0 as usize >= self.contexts.len() {
+                return bad(format!(
+                    "route {:?} names context {} of {}",
+                    spec.name,
+                    context.0,
+                    self.contexts.len()
+                ));
+            }
+            if let Some(callback) = spec.callback {
+                let target = self.routes.get(callback.0 as usize).map(|(r, _)| &r.entrypoint);
+                if !matches!(target, Some(Entrypoint::Callback)) {
+                    return bad(format!(
+                        "route {:?} names callback {} which is not a callback route",
+                        spec.name, callback
+                    ));
+                }
+            }
+            if let Entrypoint::Timer(t) = &spec.entrypoint
+                && t.interval.is_zero()
+            {
+                return Err(BuildError::ZeroInterval(spec.name.clone()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the runtime needs of a service: the handlers by [`RouteId`], and the shared state.
@@ -142,6 +179,10 @@ pub enum BuildError {
     /// A timer needs a positive interval.
     #[error("timer route {0:?} has a zero interval")]
     ZeroInterval(String),
+    /// A hand-made [`ServiceSpec`] whose parts do not fit together (a route naming a context
+    /// or callback that does not exist, a zero budget). [`Service::build`] never makes one.
+    #[error("inconsistent service spec: {0}")]
+    InconsistentSpec(String),
     /// More routes or contexts than ids can number.
     #[error("too many routes or contexts")]
     TooMany,
@@ -214,7 +255,7 @@ mod tests {
         let (spec, handlers) = service.build().unwrap();
         let names: Vec<&str> = spec.routes.iter().map(|(r, _)| r.name.as_str()).collect();
         assert_eq!(names, ["first", "cb", "second"]);
-        assert_eq!(spec.routes[0].0.callback, Some(1));
+        assert_eq!(spec.routes[0].0.callback, Some(RouteId(1)));
         assert_eq!(spec.routes[1].1, ContextId(0));
         assert_eq!(spec.routes[2].1, ContextId(1));
         assert_eq!(spec.routes[1].0.metric_label, "CallbackRoute__cb");

@@ -50,6 +50,8 @@ pub struct NodeId(usize);
 pub enum Record {
     /// A consumer started.
     Subscribe(Source),
+    /// A consumer could not start (the broker refused its topology).
+    SubscribeFailed(String),
     /// A consumer stopped.
     Unsubscribe,
     /// A handler was dispatched: the route's name and the retries before this run.
@@ -143,7 +145,7 @@ impl Simulator {
         config: EngineConfig,
     ) -> Result<NodeId, BuildError> {
         let (spec, handlers) = service.build()?;
-        let mut engine = Engine::new(&spec, config);
+        let mut engine = Engine::try_new(&spec, config)?;
         engine.handle_start(self.now);
         let id = NodeId(self.nodes.len());
         self.nodes.push(Node {
@@ -344,10 +346,10 @@ impl Simulator {
                 moved |= self.drain(index);
             }
             while let Some(delivery) = self.broker.next_delivery(self.now) {
-                moved = true;
                 let owner = self.nodes.iter().position(|n| n.link.owns(delivery.consumer));
                 match owner {
                     Some(index) => {
+                        moved = true;
                         let node = &mut self.nodes[index];
                         if let Some(d) = node.link.delivery(delivery) {
                             node.engine.handle_delivery(self.now, d);
@@ -402,9 +404,7 @@ impl Simulator {
                 Action::Subscribe(s) => {
                     node.records.push(Record::Subscribe(s.source.clone()));
                     if let Err(e) = node.link.subscribe(&mut self.broker, &s) {
-                        node.records.push(Record::Event(EngineEvent::ReplyLost {
-                            error: PublishError::Other(format!("subscribe failed: {e}")),
-                        }));
+                        node.records.push(Record::SubscribeFailed(e.to_string()));
                     }
                 }
                 Action::Unsubscribe { id, .. } => {
@@ -484,11 +484,12 @@ impl<S: Clone + Send + Sync + 'static> RunJob for HandlerRunner<S> {
                 .call_blocking(job, state)
                 .unwrap_or_else(|| Outcome::Panicked("not blocking".into()));
         }
-        let Some(mut future) = handler.call_async(job, state) else {
-            return Outcome::Panicked("not async".to_owned());
-        };
         let mut cx = TaskContext::from_waker(Waker::noop());
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Extractors run when the future is made: inside the catch, like the handler.
+            let Some(mut future) = handler.call_async(job, state) else {
+                return Some(Outcome::Panicked("not async".to_owned()));
+            };
             // A future that is pending 1000 times in a row waits on something outside the
             // simulation (IO, a runtime timer) and can never finish here.
             for _ in 0..1000 {
