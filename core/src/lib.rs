@@ -81,6 +81,7 @@
 
 pub mod action;
 pub mod broker;
+pub mod config;
 pub mod engine;
 pub mod extract;
 pub mod handler;
