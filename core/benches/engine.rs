@@ -36,13 +36,28 @@ fn handle(Payload(order): Payload<Order>) {
 const BODY: &[u8] =
     br#"{"order_id":123456,"customer":"ada@example.com","amount_cents":4200,"currency":"EUR","items":[1,2,3]}"#;
 
-fn event_service(filtered: bool) -> (Engine, HandlerTable<()>) {
+/// How the bench route looks at its payload before the handler.
+#[derive(Clone, Copy, PartialEq)]
+enum Pipeline {
+    /// No filter, no translator: the handler decodes the body.
+    Raw,
+    /// A JSON filter and a translator: one decode into `serde_json::Value`.
+    JsonFilterAndTranslator,
+    /// A typed filter on the handler's own type: one decode, shared with the handler.
+    TypedFilter,
+}
+
+fn event_service(pipeline: Pipeline) -> (Engine, HandlerTable<()>) {
     let mut listener = EventListener::new("shop", "order_placed");
-    if filtered {
-        listener = listener.filter(|v| v["amount_cents"].as_u64().is_some_and(|a| a > 0));
+    match pipeline {
+        Pipeline::Raw => {}
+        Pipeline::JsonFilterAndTranslator => {
+            listener = listener.filter(|v| v["amount_cents"].as_u64().is_some_and(|a| a > 0));
+        }
+        Pipeline::TypedFilter => listener = listener.filter_as(|o: &Order| o.amount_cents > 0),
     }
     let mut route = Route::blocking(listener, "bill", handle);
-    if filtered {
+    if pipeline == Pipeline::JsonFilterAndTranslator {
         route = route.translator(|mut v| {
             v["currency"] = json!("EUR");
             Ok(v)
@@ -57,8 +72,8 @@ fn event_service(filtered: bool) -> (Engine, HandlerTable<()>) {
 }
 
 /// Runs `n` events through the Engine and the handler; returns the elapsed time.
-fn run_events(n: u64, filtered: bool) -> Duration {
-    let (mut engine, handlers) = event_service(filtered);
+fn run_events(n: u64, pipeline: Pipeline) -> Duration {
+    let (mut engine, handlers) = event_service(pipeline);
     let handler = handlers.handler(microfw_core::RouteId::from_raw(0)).expect("route 0").clone();
     let body = Bytes::from_static(BODY);
     let now = Instant::from_unix_millis(1);
@@ -173,17 +188,19 @@ fn main() {
     let repeats = 5;
     if std::env::var("MICROFW_BENCH_ONLY").as_deref() == Ok("raw") {
         // For profilers: one scenario, no baselines.
-        run_events(n, false);
+        run_events(n, Pipeline::Raw);
         return;
     }
     // Warm up.
-    run_events(n / 10, false);
-    run_events(n / 10, true);
+    run_events(n / 10, Pipeline::Raw);
+    run_events(n / 10, Pipeline::JsonFilterAndTranslator);
+    run_events(n / 10, Pipeline::TypedFilter);
     run_calls(n / 10);
-    let (mut raw, mut filtered, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut filtered, mut typed, mut calls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
-        raw.push(run_events(n, false).as_secs_f64());
-        filtered.push(run_events(n, true).as_secs_f64());
+        raw.push(run_events(n, Pipeline::Raw).as_secs_f64());
+        filtered.push(run_events(n, Pipeline::JsonFilterAndTranslator).as_secs_f64());
+        typed.push(run_events(n, Pipeline::TypedFilter).as_secs_f64());
         calls.push(run_calls(n).as_secs_f64());
     }
     let report = |name: &str, secs: f64| {
@@ -192,7 +209,8 @@ fn main() {
     baselines(n);
     println!("microfw-core Engine alone, {n} ops x {repeats} repeats (interleaved), medians, 1 thread:");
     report("event, handler decodes the body (no filter)", median(raw));
-    report("event, filter + translator (engine decodes once)", median(filtered));
+    report("event, JSON filter + translator (one decode to Value)", median(filtered));
+    report("event, typed filter (one decode, shared with the handler)", median(typed));
     report("RPC correlation round (call -> request -> reply -> resolve)", median(calls));
 }
 

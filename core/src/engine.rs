@@ -20,7 +20,9 @@ use crate::message::{Body, Envelope, FieldValue, Headers, Properties, RemoteErro
 use crate::outcome::{HandlerError, Outcome, Rejection, RejectionStage};
 use crate::retry::{RetryDecision, ladder_delay};
 use crate::rng::Rng;
-use crate::route::{ContextSpec, Dialect, Entrypoint, RouteSpec, Settle, ShutdownMode, pipeline_error};
+use crate::route::{
+    ContextSpec, Dialect, Entrypoint, PayloadFilter, RouteSpec, Settle, ShutdownMode, pipeline_error,
+};
 use crate::service::ServiceSpec;
 use crate::time::Instant;
 use crate::worker_context::WorkerContext;
@@ -867,7 +869,7 @@ impl Engine {
         }));
         let input = if entry.decodes {
             match run_pipeline(&entry.spec, &bytes) {
-                Ok(Some(value)) => PayloadData::Json(value),
+                Ok(Some(payload)) => payload,
                 Ok(None) => {
                     self.event(EngineEvent::Filtered { route });
                     self.actions.push_back(Action::Ack(delivery));
@@ -1404,24 +1406,35 @@ fn read_attempt(headers: &Headers) -> Attempt {
 }
 
 /// Decodes once, filters, translates. `Ok(None)`: filtered out.
-fn run_pipeline(spec: &RouteSpec, bytes: &[u8]) -> Result<Option<Value>, Rejection> {
-    let mut value: Value = serde_json::from_slice(bytes).map_err(|e| Rejection {
+fn run_pipeline(spec: &RouteSpec, bytes: &Bytes) -> Result<Option<PayloadData>, Rejection> {
+    let filter = match &spec.entrypoint {
+        Entrypoint::Event(listener) => listener.filter.as_ref(),
+        _ => None,
+    };
+    let decode_error = |e: String| Rejection {
         stage: RejectionStage::Decode,
-        error: pipeline_error("PayloadDecodeError", &e.to_string()),
-    })?;
-    if let Entrypoint::Event(listener) = &spec.entrypoint
-        && let Some(filter) = &listener.filter
+        error: pipeline_error("PayloadDecodeError", &e),
+    };
+    let filter_error =
+        |e: String| Rejection { stage: RejectionStage::Filter, error: pipeline_error("FilterError", &e) };
+    if spec.translators.is_empty()
+        && let Some(PayloadFilter::Typed(typed)) = filter
     {
-        match filter(&value) {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
-            Err(e) => {
-                return Err(Rejection {
-                    stage: RejectionStage::Filter,
-                    error: pipeline_error("FilterError", &e),
-                });
-            }
-        }
+        // One decode, into the filter's type; the handler takes it if it wants that type.
+        return match (typed.from_bytes)(bytes) {
+            Ok(Some(value)) => Ok(Some(PayloadData::Decoded { value, raw: bytes.clone() })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(decode_error(e)),
+        };
+    }
+    let mut value: Value = serde_json::from_slice(bytes).map_err(|e| decode_error(e.to_string()))?;
+    let keep = match filter {
+        None => true,
+        Some(PayloadFilter::Json(f)) => f(&value).map_err(filter_error)?,
+        Some(PayloadFilter::Typed(typed)) => (typed.from_value)(&value).map_err(filter_error)?,
+    };
+    if !keep {
+        return Ok(None);
     }
     for translator in &spec.translators {
         value = translator(value).map_err(|e| Rejection {
@@ -1429,5 +1442,5 @@ fn run_pipeline(spec: &RouteSpec, bytes: &[u8]) -> Result<Option<Value>, Rejecti
             error: pipeline_error("TranslatorError", &e),
         })?;
     }
-    Ok(Some(value))
+    Ok(Some(PayloadData::Json(value)))
 }

@@ -23,6 +23,7 @@ use crate::ids::{DispatchId, RouteId};
 use crate::message::RemoteError;
 use crate::outcome::{HandlerError, Rejection, RejectionStage};
 use crate::params;
+use crate::route::AnyPayload;
 use crate::time::Instant;
 use crate::worker_context::WorkerContext;
 
@@ -72,13 +73,63 @@ pub enum JobInput {
 }
 
 /// A payload, decoded or not.
-#[derive(Clone, Debug, PartialEq)]
 pub enum PayloadData {
     /// Still encoded: no filter or translator needed to look at it, so the handler decodes it
     /// straight into its own type.
     Raw(Bytes),
     /// Already decoded (by the filter / translator stage); never parsed again.
     Json(Value),
+    /// Decoded by a typed filter into its own type; `Payload<T>` of that type takes it as is,
+    /// any other type decodes `raw`.
+    Decoded {
+        /// The filter's value.
+        value: AnyPayload,
+        /// The body it came from.
+        raw: Bytes,
+    },
+}
+
+impl Clone for PayloadData {
+    /// A typed value cannot be cloned without knowing its type: the clone keeps the raw body.
+    fn clone(&self) -> Self {
+        match self {
+            PayloadData::Raw(b) => PayloadData::Raw(b.clone()),
+            PayloadData::Json(v) => PayloadData::Json(v.clone()),
+            PayloadData::Decoded { raw, .. } => PayloadData::Raw(raw.clone()),
+        }
+    }
+}
+
+impl PartialEq for PayloadData {
+    /// Raw and typed payloads compare by their bytes; JSON by value.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PayloadData::Json(a), PayloadData::Json(b)) => a == b,
+            (PayloadData::Json(_), _) | (_, PayloadData::Json(_)) => false,
+            (a, b) => a.raw() == b.raw(),
+        }
+    }
+}
+
+impl fmt::Debug for PayloadData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PayloadData::Raw(b) => f.debug_tuple("Raw").field(b).finish(),
+            PayloadData::Json(v) => f.debug_tuple("Json").field(v).finish(),
+            PayloadData::Decoded { raw, .. } => {
+                f.debug_struct("Decoded").field("raw", raw).finish_non_exhaustive()
+            }
+        }
+    }
+}
+
+impl PayloadData {
+    fn raw(&self) -> Option<&Bytes> {
+        match self {
+            PayloadData::Raw(b) | PayloadData::Decoded { raw: b, .. } => Some(b),
+            PayloadData::Json(_) => None,
+        }
+    }
 }
 
 /// Retry information for the current run (micro_framework's `BackOffData`).
@@ -148,10 +199,14 @@ impl<S, T: FromJobParts<S>> FromJobParts<S> for Result<T, Rejection> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Payload<T>(pub T);
 
-impl<S, T: DeserializeOwned> FromJob<S> for Payload<T> {
+impl<S, T: DeserializeOwned + 'static> FromJob<S> for Payload<T> {
     fn from_job(job: Job, _: &S) -> Result<Self, Rejection> {
         let decoded = match job.input {
             JobInput::Payload(PayloadData::Raw(bytes)) => serde_json::from_slice(&bytes),
+            JobInput::Payload(PayloadData::Decoded { value, raw }) => match value.downcast::<T>() {
+                Ok(payload) => return Ok(Payload(*payload)),
+                Err(_) => serde_json::from_slice(&raw),
+            },
             JobInput::Payload(PayloadData::Json(value)) => serde_json::from_value(value),
             JobInput::Rpc { .. } | JobInput::None => {
                 return Err(extract_rejection(

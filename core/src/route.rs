@@ -12,6 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::handler::{BlockingHandler, BoxedHandler, Handler};
@@ -45,9 +46,49 @@ pub enum HandlerType {
     },
 }
 
-/// A payload filter: `Ok(true)` runs the handler, `Ok(false)` skips the message (acked, no
-/// run), `Err` is a non-retryable rejection.
-pub type PayloadFilter = Arc<dyn Fn(&Value) -> Result<bool, String> + Send + Sync>;
+/// A payload filter: decides whether the handler runs (true) or the message is skipped (acked,
+/// no run). A filter that fails (or a payload it cannot decode) is a non-retryable rejection.
+#[derive(Clone)]
+pub enum PayloadFilter {
+    /// Works on the payload decoded as JSON ([`EventListener::filter`]).
+    Json(JsonFilter),
+    /// Works on the payload decoded into a type of its own ([`EventListener::filter_as`]).
+    Typed(TypedFilter),
+}
+
+impl fmt::Debug for PayloadFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PayloadFilter::Json(_) => "PayloadFilter::Json",
+            PayloadFilter::Typed(_) => "PayloadFilter::Typed",
+        })
+    }
+}
+
+impl fmt::Debug for TypedFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TypedFilter")
+    }
+}
+
+/// A filter over a JSON value: `Ok(true)` keeps the message, `Err` rejects it.
+pub type JsonFilter = Arc<dyn Fn(&Value) -> Result<bool, String> + Send + Sync>;
+
+/// Decodes a body into a filter's type and filters it: `Ok(Some)` keeps the message with
+/// its decoded payload, `Ok(None)` skips it, `Err` (undecodable) rejects it.
+pub type DecodeAndFilter = Arc<dyn Fn(&[u8]) -> Result<Option<AnyPayload>, String> + Send + Sync>;
+
+/// A payload decoded into a type only its filter knows; a handler whose
+/// [`Payload`](crate::extract::Payload) asks for the same type takes it as is.
+pub type AnyPayload = Box<dyn std::any::Any + Send>;
+
+/// The two ways a typed filter can run: on the raw body (decoding it once, for the handler
+/// too), or on a JSON value already decoded for translators.
+#[derive(Clone)]
+pub struct TypedFilter {
+    pub(crate) from_bytes: DecodeAndFilter,
+    pub(crate) from_value: JsonFilter,
+}
 
 /// A translator: turns the payload into what the next translator (or the handler) sees. `Err`
 /// is a non-retryable rejection.
@@ -119,7 +160,31 @@ impl EventListener {
     /// Runs the handler only for payloads where `filter` returns true (micro_framework's
     /// `payload_filter`). Others are acked without a run.
     pub fn filter(mut self, filter: impl Fn(&Value) -> bool + Send + Sync + 'static) -> Self {
-        self.filter = Some(Arc::new(move |v| Ok(filter(v))));
+        self.filter = Some(PayloadFilter::Json(Arc::new(move |v| Ok(filter(v)))));
+        self
+    }
+
+    /// Runs the handler only for payloads where `filter` returns true, deciding on the payload
+    /// decoded as `T`. The body is decoded once: a handler taking `Payload<T>` of the same `T`
+    /// gets that very value; any other type is decoded from the raw body. The fastest filter
+    /// when `T` has just the fields the filter reads and is also what the handler takes.
+    pub fn filter_as<T, F>(mut self, filter: F) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(&T) -> bool + Send + Sync + 'static,
+    {
+        let filter = Arc::new(filter);
+        let on_value = filter.clone();
+        self.filter = Some(PayloadFilter::Typed(TypedFilter {
+            from_bytes: Arc::new(move |bytes| {
+                let payload: T = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+                Ok(filter(&payload).then(|| Box::new(payload) as AnyPayload))
+            }),
+            from_value: Arc::new(move |value| {
+                let payload = T::deserialize(value).map_err(|e| e.to_string())?;
+                Ok(on_value(&payload))
+            }),
+        }));
         self
     }
 
@@ -128,7 +193,7 @@ impl EventListener {
         mut self,
         filter: impl Fn(&Value) -> Result<bool, String> + Send + Sync + 'static,
     ) -> Self {
-        self.filter = Some(Arc::new(filter));
+        self.filter = Some(PayloadFilter::Json(Arc::new(filter)));
         self
     }
 }

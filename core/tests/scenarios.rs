@@ -476,3 +476,79 @@ fn shutdown_gives_up_at_the_timeout_leaving_work_unacked() {
     assert_eq!(records.last(), Some(&Record::Stopped { unfinished: 1 }));
     assert!(sim.engine(node).is_stopped());
 }
+
+static DECODES: AtomicU32 = AtomicU32::new(0);
+
+/// A payload type that counts how often it is deserialized.
+#[derive(Debug, PartialEq)]
+struct Counted {
+    amount: u64,
+}
+
+impl<'de> serde::Deserialize<'de> for Counted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            amount: u64,
+        }
+        DECODES.fetch_add(1, Ordering::SeqCst);
+        Raw::deserialize(d).map(|r| Counted { amount: r.amount })
+    }
+}
+
+#[test]
+fn a_typed_filter_decodes_once_and_hands_its_value_to_the_handler() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let seen_raw = Arc::new(AtomicU32::new(0));
+    let seen_raw2 = seen_raw.clone();
+    let typed = Route::blocking(
+        EventListener::new("src", "evt").filter_as(|c: &Counted| c.amount > 10),
+        "typed",
+        move |Payload(c): Payload<Counted>| seen2.lock().unwrap().push(c.amount),
+    );
+    // Same filter type, but the handler wants JSON: it decodes the raw body itself.
+    let other = Route::blocking(
+        EventListener::new("src", "evt").filter_as(|c: &Counted| c.amount > 10),
+        "other",
+        move |Payload(v): Payload<Value>| {
+            assert_eq!(v["amount"], json!(50));
+            seen_raw2.fetch_add(1, Ordering::SeqCst);
+        },
+    );
+    let mut sim = Simulator::new();
+    let node = sim
+        .add_service(Service::new("svc").context(RunnerContext::new(2).route(typed).route(other)))
+        .unwrap();
+    DECODES.store(0, Ordering::SeqCst);
+    sim.publish_event("src", "evt", &json!({"amount": 5}));
+    sim.publish_event("src", "evt", &json!({"amount": 50}));
+    sim.run_all();
+    assert_eq!(*seen.lock().unwrap(), vec![50]);
+    assert_eq!(seen_raw.load(Ordering::SeqCst), 1);
+    // Two messages, each read once per route by its filter, never again by the handlers.
+    assert_eq!(DECODES.load(Ordering::SeqCst), 4);
+    let records = sim.take_records(node);
+    assert_eq!(count(&records, |r| matches!(r, Record::Event(EngineEvent::Filtered { .. }))), 2);
+    assert_eq!(count(&records, |r| matches!(r, Record::Ack)), 4);
+}
+
+#[test]
+fn a_typed_filter_that_cannot_decode_rejects_the_message() {
+    let route = Route::blocking(
+        EventListener::new("src", "evt").filter_as(|c: &Counted| c.amount > 0),
+        "h",
+        ok_event,
+    )
+    .on_give_up(Settle::Ack);
+    let mut sim = Simulator::new();
+    let node = sim.add_service(Service::new("svc").context(RunnerContext::new(1).route(route))).unwrap();
+    sim.take_records(node);
+    sim.publish_event("src", "evt", &json!({"amount": "lots"}));
+    assert_eq!(sim.run_all(), 0);
+    let records = sim.take_records(node);
+    assert!(
+        matches!(records.as_slice(), [Record::Event(EngineEvent::Rejected { .. }), Record::Ack]),
+        "{records:?}"
+    );
+}
