@@ -1,9 +1,72 @@
 //! # microfw-runtime-sync
 //!
-//! Contract (to be built, see the runtimes issue): the same features as runtime-tokio with no
-//! tokio at all: one engine thread blocking on a channel with `recv_timeout(next deadline)`, a
-//! fixed thread pool per context, blocking handlers.
+//! Runs a microfw service on plain OS threads, with no async runtime at all (no tokio in the
+//! dependency tree). One driver thread owns the service's [`Engine`](microfw_core::Engine)
+//! and is the only code touching it; it blocks on one bounded `std::sync::mpsc` channel with
+//! `recv_timeout(next deadline)`. Handler outcomes, client commands ([`Producer`],
+//! [`RpcProxy`]) and stop requests arrive on that channel; deliveries wait in the service's
+//! inbox on the shared [`MemoryHubHandle`], which wakes the driver. After every batch of
+//! inputs the driver drains every action, carries out the broker operations in one short
+//! locked section, and goes back to waiting.
 //!
-//! What it does NOT do yet: anything. This crate is a placeholder that compiles so the
-//! workspace layout is fixed; it holds no API.
+//! ## Contract
+//!
+//! * Every context gets a fixed pool of `max_workers` OS threads (its budget); the Engine
+//!   never dispatches more runs to a context than that, so a run never waits for a thread.
+//! * Worker modes, per context ([`WorkerMode`], default from the config's `WORKER_MODE`,
+//!   overridden with [`Runner::worker_mode`]): `thread` finishes running work at shutdown and
+//!   hands unstarted deliveries back to the broker; `greedy_thread` runs everything already
+//!   held first. Both give up at `SHUTDOWN_TIMEOUT`.
+//! * Handlers are blocking functions ([`Route::blocking`]); a panic in one is a failed run
+//!   ([`Outcome::Panicked`]), never a crash of the service.
+//! * Deliveries that reached a service before a command was sent to it (a stop, say) are
+//!   handed to its Engine before that command.
+//! * The Engine decides everything (retries, acks, deadlines, budgets); the runtime only
+//!   carries out its actions and reports results, reading the clock and drawing the seed
+//!   from OS entropy.
+//!
+//! ```no_run
+//! use microfw_runtime_sync::{Config, EventListener, Route, Runner, RunnerContext};
+//! use microfw_runtime_sync::extract::Payload;
+//!
+//! fn greet(Payload(name): Payload<String>) {
+//!     println!("hello {name}");
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config { service_name: Some("greeter".into()), ..Config::default() };
+//! Runner::new(config)
+//!     .context(RunnerContext::new(8).route(Route::blocking(EventListener::new("people", "arrived"), "greet", greet)))
+//!     .run()?; // until SIGINT / SIGTERM
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What it does NOT do
+//!
+//! No async handlers (a start error naming the route) and no `async` worker mode: use
+//! `microfw-runtime-tokio` for those. No `process` worker mode (refused at start: not
+//! supported yet). No AMQP or WebSocket links yet: the only transport is the in-process memory
+//! hub (shared by every Runner of a process by default); a config with `AMQP_URI` is refused
+//! at start. No metrics, no RPC target listing. It does not read the environment or a config
+//! file itself: build the [`Config`] (see
+//! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in.
 #![warn(missing_docs)]
+
+mod client;
+mod driver;
+mod hub;
+mod pool;
+mod runner;
+
+pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy};
+pub use driver::StopReport;
+pub use hub::MemoryHubHandle;
+pub use runner::{RunError, Runner, RunningService, StartError, StopError};
+
+pub use microfw_core::config::{Config, ConfigError, WorkerMode};
+pub use microfw_core::{
+    Backoff, CallError, CallbackRoute, Dialect, EventListener, HandlerError, HandlerType, Outcome,
+    PublishError, RemoteError, Reply, RetryOn, RetryPolicy, Route, RpcListener, RunnerContext, Settle,
+    ShutdownMode, TimeEntrypoint, WsRpcListener, extract,
+};

@@ -1,0 +1,260 @@
+//! The clients handlers (and the program around a running service) use to talk to other
+//! services: [`Producer`] for events and [`RpcProxy`] for RPC calls.
+//!
+//! Both send a command to the service's driver and block the calling thread until the
+//! Engine answers; neither touches the broker itself. Inside a handler they carry the
+//! worker's context (Nameko context data and call id stack); from
+//! [`RunningService`](crate::RunningService) they carry none.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::time::Duration;
+
+use bytes::Bytes;
+use microfw_core::extract::{FromJobParts, JobParts};
+use microfw_core::worker_context::WorkerContext;
+use microfw_core::{
+    CallError, Dialect, OutgoingCall, OutgoingEvent, PublishError, Rejection, RejectionStage, RemoteError,
+    Transport,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::driver::Input;
+
+/// Why [`Producer::dispatch`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// The payload could not be encoded as JSON.
+    #[error("cannot encode the event payload: {0}")]
+    Encode(String),
+    /// The broker did not take the event.
+    #[error("event not published: {0}")]
+    Publish(PublishError),
+    /// The service stopped before the event was confirmed.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+/// Why an [`RpcProxy`] call failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// The call went out and failed (remote error, timeout, unknown service, shutdown...).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The arguments could not be encoded (args must be an array or tuple, kwargs an object
+    /// or `()`).
+    #[error("cannot encode the call arguments: {0}")]
+    Encode(String),
+    /// The reply could not be decoded into the requested type ([`RpcProxy::call_as`]).
+    #[error("cannot decode the reply: {0}")]
+    Decode(String),
+}
+
+/// Dispatches events as this service (Nameko's `EventDispatcher`).
+///
+/// As a handler parameter it carries the worker's context; from
+/// [`RunningService::producer`](crate::RunningService::producer) it carries none. Events are
+/// published with this service as source (exchange `<service>.events`), in the config's
+/// `AMQP_DIALECT` (Nameko by default).
+/// It does NOT retry a failed publish.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    handle: ServiceHandle,
+    context: Option<WorkerContext>,
+}
+
+impl Producer {
+    /// Publishes `payload` (encoded as JSON) as event `event_type` and blocks until the
+    /// broker confirmed it.
+    pub fn dispatch(&self, event_type: &str, payload: &impl Serialize) -> Result<(), DispatchError> {
+        let payload = serde_json::to_vec(payload).map_err(|e| DispatchError::Encode(e.to_string()))?;
+        let event = OutgoingEvent {
+            context: self.context.clone(),
+            source_service: self.handle.service.to_string(),
+            event_type: event_type.to_owned(),
+            payload: Bytes::from(payload),
+            dialect: self.handle.dialect,
+        };
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.handle.tx.send(Input::Emit(event, reply)).map_err(|_| DispatchError::ShuttingDown)?;
+        match rx.recv() {
+            Ok(result) => result.map_err(DispatchError::Publish),
+            Err(_) => Err(DispatchError::ShuttingDown),
+        }
+    }
+}
+
+impl<S> FromJobParts<S> for Producer {
+    fn from_job_parts(parts: &mut JobParts, _: &S) -> Result<Self, Rejection> {
+        let handle = ServiceHandle::from_parts(parts)?;
+        Ok(Producer { handle, context: Some(parts.context.clone()) })
+    }
+}
+
+/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`), over the memory hub,
+/// blocking the calling thread.
+///
+/// Every call has a deadline: [`with_timeout`](Self::with_timeout), or the runner's RPC
+/// timeout (`RPC_TIMEOUT`, 30 s by default); the Engine enforces it, so a call always
+/// returns. Calls use the config's `AMQP_DIALECT` (Nameko by default) unless
+/// [`dialect`](Self::dialect) says otherwise. It
+/// does NOT list targets (not in this slice) and does not retry. A handler calling a method
+/// of its own context with every worker busy waits for its deadline: give such contexts room.
+#[derive(Clone, Debug)]
+pub struct RpcProxy {
+    handle: ServiceHandle,
+    context: Option<WorkerContext>,
+    timeout: Option<Duration>,
+    dialect: Dialect,
+}
+
+impl RpcProxy {
+    /// The same proxy with a per-call deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The same proxy speaking `dialect`.
+    pub fn dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// Calls `service.method(*args, **kwargs)` and blocks until the reply, the deadline or a
+    /// failure. `args` must serialize to an array (a tuple or `Vec`; `()` for none), `kwargs`
+    /// to an object (`()` for none).
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<Value, RpcError> {
+        self.call_async(service, method, args, kwargs)?.wait()
+    }
+
+    /// [`call`](Self::call), decoding the reply into `T`.
+    pub fn call_as<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, RpcError> {
+        let value = self.call(service, method, args, kwargs)?;
+        serde_json::from_value(value).map_err(|e| RpcError::Decode(e.to_string()))
+    }
+
+    /// Sends the request and returns at once with a [`PendingCall`] to wait on later, so
+    /// several calls can be in flight (micro_framework's `call_async`).
+    pub fn call_async(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<PendingCall, RpcError> {
+        let call = self.outgoing(service, method, args, kwargs)?;
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.handle.tx.send(Input::Call(call, reply)).map_err(|_| CallError::ShuttingDown)?;
+        Ok(PendingCall(rx))
+    }
+
+    fn outgoing(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<OutgoingCall, RpcError> {
+        let encode = |e: serde_json::Error| RpcError::Encode(e.to_string());
+        let args = match serde_json::to_value(args).map_err(encode)? {
+            Value::Array(a) => a,
+            Value::Null => Vec::new(),
+            other => return Err(RpcError::Encode(format!("args must be an array or tuple, not {other}"))),
+        };
+        let kwargs = match serde_json::to_value(kwargs).map_err(encode)? {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            other => return Err(RpcError::Encode(format!("kwargs must be an object, not {other}"))),
+        };
+        Ok(OutgoingCall {
+            context: self.context.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            args,
+            kwargs,
+            timeout: self.timeout,
+            transport: Transport::Broker,
+            dialect: self.dialect,
+        })
+    }
+}
+
+impl<S> FromJobParts<S> for RpcProxy {
+    fn from_job_parts(parts: &mut JobParts, _: &S) -> Result<Self, Rejection> {
+        let handle = ServiceHandle::from_parts(parts)?;
+        let dialect = handle.dialect;
+        Ok(RpcProxy { handle, context: Some(parts.context.clone()), timeout: None, dialect })
+    }
+}
+
+/// A call sent by [`RpcProxy::call_async`]; [`wait`](Self::wait) for the reply. Dropping it
+/// does not cancel the call (its reply is dropped when it comes).
+#[derive(Debug)]
+pub struct PendingCall(Receiver<Result<Value, CallError>>);
+
+impl PendingCall {
+    /// Blocks until the reply, the call's deadline or a failure.
+    pub fn wait(self) -> Result<Value, RpcError> {
+        match self.0.recv() {
+            Ok(result) => result.map_err(RpcError::Call),
+            Err(_) => Err(RpcError::Call(CallError::ShuttingDown)),
+        }
+    }
+
+    /// The result if the call has ended, without blocking; `Err(self)` if it has not.
+    pub fn try_wait(self) -> Result<Result<Value, RpcError>, PendingCall> {
+        match self.0.try_recv() {
+            Ok(result) => Ok(result.map_err(RpcError::Call)),
+            Err(mpsc::TryRecvError::Empty) => Err(self),
+            Err(mpsc::TryRecvError::Disconnected) => Ok(Err(RpcError::Call(CallError::ShuttingDown))),
+        }
+    }
+}
+
+/// What the clients need of a running service: its driver's input and its name. Put in
+/// every job's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct ServiceHandle {
+    pub(crate) tx: SyncSender<Input>,
+    pub(crate) service: Arc<str>,
+    /// The default dialect (`AMQP_DIALECT`).
+    pub(crate) dialect: Dialect,
+}
+
+impl ServiceHandle {
+    pub(crate) fn producer(&self) -> Producer {
+        Producer { handle: self.clone(), context: None }
+    }
+
+    pub(crate) fn rpc(&self) -> RpcProxy {
+        RpcProxy { handle: self.clone(), context: None, timeout: None, dialect: self.dialect }
+    }
+
+    fn from_parts(parts: &JobParts) -> Result<Self, Rejection> {
+        parts.extensions.get::<ServiceHandle>().cloned().ok_or_else(|| Rejection {
+            stage: RejectionStage::Extract,
+            error: RemoteError::new(
+                "microfw",
+                "ExtractError",
+                "no microfw-runtime-sync service handle in this job",
+            ),
+        })
+    }
+}

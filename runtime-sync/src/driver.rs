@@ -1,0 +1,306 @@
+//! The driver: the one thread that owns a service's [`Engine`].
+//!
+//! Each turn it feeds the Engine everything available (channel inputs, deliveries from its
+//! inbox, publish confirms, due timeouts), drains every action, and hands the broker
+//! operations to the hub in one locked batch. When nothing is left it blocks on its channel
+//! with `recv_timeout(next deadline)`, the deadline being the earlier of the Engine's and the
+//! hub's (a delayed retry's waiting queue).
+//!
+//! The channel is `std::sync::mpsc::sync_channel` rather than crossbeam-channel: since Rust
+//! 1.67 std's channel is crossbeam's implementation, and it has everything the driver needs
+//! (bounded, `recv_timeout`, non-blocking `try_send` for the hub's wake-ups). The one thing
+//! std lacks, a multi-consumer receiver for the worker pools, costs only a mutex there (see
+//! the pool), so an extra dependency buys nothing.
+//!
+//! Ordering: before taking any channel input the driver takes its inbox, so a delivery that
+//! reached this Runner before a command was sent (for example a stop) is handed to the Engine
+//! before that command.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, mpsc};
+
+use microfw_core::extract::Extensions;
+use microfw_core::{
+    Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
+    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId,
+};
+use serde_json::Value;
+
+use crate::hub::{HubOp, MemoryHubHandle, now};
+use crate::pool::{Pool, WorkItem};
+
+/// What a driver's input channel carries.
+pub(crate) enum Input {
+    /// A handler run ended.
+    Outcome(DispatchId, Outcome),
+    /// An RPC call to make; the result goes to the sender.
+    Call(OutgoingCall, SyncSender<Result<Value, CallError>>),
+    /// An event to publish; the confirm goes to the sender.
+    Emit(OutgoingEvent, SyncSender<Result<(), PublishError>>),
+    /// Deliveries are waiting in the inbox.
+    Wake,
+    /// Begin a graceful stop.
+    Shutdown,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Outcome(id, _) => write!(f, "Outcome({id})"),
+            Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
+            Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
+            Input::Wake => f.write_str("Wake"),
+            Input::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// How a service's driver ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StopReport {
+    /// Runs and deliveries left unfinished because the shutdown timeout passed (0 on a clean
+    /// stop). Their deliveries went back to the broker; their threads were detached.
+    pub unfinished: usize,
+}
+
+pub(crate) struct Driver {
+    pub(crate) engine: Engine,
+    pub(crate) hub: MemoryHubHandle,
+    pub(crate) link: LinkId,
+    pub(crate) pending: Arc<AtomicBool>,
+    pub(crate) rx: Receiver<Input>,
+    /// Pool index by route id.
+    pub(crate) route_pool: Vec<usize>,
+    pub(crate) pools: Vec<Pool>,
+    pub(crate) extensions: Extensions,
+    pub(crate) calls: HashMap<CallId, SyncSender<Result<Value, CallError>>>,
+    pub(crate) emits: HashMap<PublishId, SyncSender<Result<(), PublishError>>>,
+    pub(crate) ops: Vec<HubOp>,
+    pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
+    pub(crate) inbox: Vec<Delivery>,
+    pub(crate) outcomes: Vec<(DispatchId, Outcome)>,
+    pub(crate) hub_deadline: Option<Instant>,
+    pub(crate) shutting_down: bool,
+    pub(crate) stopped: Option<usize>,
+}
+
+/// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
+const INPUT_BATCH: usize = 256;
+
+impl Driver {
+    /// Drives the Engine until it stops, then closes the link and the pools.
+    pub(crate) fn run(mut self) -> StopReport {
+        loop {
+            self.turn();
+            if self.stopped.is_some() {
+                break;
+            }
+            let deadline = match (self.engine.poll_timeout(), self.hub_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let input = match deadline {
+                Some(d) => self.rx.recv_timeout(d.saturating_duration_since(now())),
+                // The driver's handle in the extensions holds a sender: never disconnected.
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match input {
+                Ok(input) => {
+                    self.take_inbox_if_pending();
+                    self.input(now(), input);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every sender is gone: nobody can stop us any more, so stop now.
+                    self.input(now(), Input::Shutdown);
+                }
+            }
+        }
+        self.finish()
+    }
+
+    /// Works until nothing is left to do without waiting.
+    pub(crate) fn turn(&mut self) {
+        loop {
+            let now = now();
+            let mut work = false;
+            for _ in 0..INPUT_BATCH {
+                match self.rx.try_recv() {
+                    Ok(input) => {
+                        self.take_inbox_if_pending();
+                        self.input(now, input);
+                        work = true;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.take_inbox_if_pending();
+            if !self.outcomes.is_empty() {
+                work = true;
+                let mut outcomes = std::mem::take(&mut self.outcomes);
+                for (id, outcome) in outcomes.drain(..) {
+                    self.engine.handle_outcome(now, id, outcome);
+                }
+                if self.outcomes.is_empty() {
+                    self.outcomes = outcomes; // keep the capacity
+                }
+            }
+            if !self.inbox.is_empty() {
+                work = true;
+                for delivery in self.inbox.drain(..) {
+                    self.engine.handle_delivery(now, delivery);
+                }
+            }
+            if !self.confirms.is_empty() {
+                work = true;
+                for (id, result) in self.confirms.drain(..) {
+                    self.engine.handle_publish_result(now, id, result);
+                }
+            }
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                work = true;
+                self.engine.handle_timeout(now);
+            }
+            work |= self.drain_actions();
+            if !self.ops.is_empty() || self.hub_deadline.is_some_and(|t| t <= now) {
+                self.hub_deadline =
+                    self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+                work |= !self.confirms.is_empty() || !self.inbox.is_empty();
+            }
+            if !work || self.stopped.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Deliveries handed to this link go to the Engine before any later input.
+    fn take_inbox_if_pending(&mut self) {
+        if self.pending.load(Ordering::Acquire) {
+            self.hub.take_inbox(self.link, &mut self.inbox);
+            let now = now();
+            for delivery in self.inbox.drain(..) {
+                self.engine.handle_delivery(now, delivery);
+            }
+        }
+    }
+
+    fn input(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Outcome(id, outcome) => self.engine.handle_outcome(now, id, outcome),
+            Input::Call(call, reply) => {
+                let id = self.engine.handle_call(now, call);
+                self.calls.insert(id, reply);
+            }
+            Input::Emit(event, reply) => {
+                let id = self.engine.handle_emit(now, event);
+                self.emits.insert(id, reply);
+            }
+            Input::Wake => {} // the inbox was taken before this input
+            Input::Shutdown => {
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    tracing::info!(service = self.engine.service(), "stopping");
+                    self.engine.handle_shutdown(now);
+                }
+            }
+        }
+    }
+
+    /// Carries out every pending action; true if there was any.
+    fn drain_actions(&mut self) -> bool {
+        let mut any = false;
+        while let Some(action) = self.engine.poll_action() {
+            any = true;
+            match action {
+                Action::Subscribe(s) => self.ops.push(HubOp::Subscribe(s)),
+                Action::Unsubscribe { id, .. } => self.ops.push(HubOp::Unsubscribe(id)),
+                Action::Dispatch(d) => self.dispatch(d),
+                Action::Publish(p) => self.ops.push(HubOp::Publish(p)),
+                Action::Ack(d) => self.ops.push(HubOp::Ack(d.tag)),
+                Action::Reject { delivery, requeue } => self.ops.push(HubOp::Reject(delivery.tag, requeue)),
+                Action::Resolve { call, result } => {
+                    if let Some(reply) = self.calls.remove(&call) {
+                        // Capacity 1, one send: never blocks. A dropped waiter is fine.
+                        let _ = reply.try_send(result);
+                    }
+                }
+                Action::Emitted { id, result } => {
+                    if let Some(reply) = self.emits.remove(&id) {
+                        let _ = reply.try_send(result);
+                    }
+                }
+                Action::Event(e) => self.log(&e),
+                Action::Stopped { unfinished } => {
+                    tracing::info!(service = self.engine.service(), unfinished, "stopped");
+                    self.stopped = Some(unfinished);
+                }
+            }
+        }
+        any
+    }
+
+    fn dispatch(&mut self, dispatch: Dispatch) {
+        let Dispatch { id, route, mut job } = dispatch;
+        job.parts.extensions = self.extensions.clone();
+        let Some(&pool) = self.route_pool.get(route.into_raw() as usize) else {
+            self.outcomes.push((id, Outcome::Panicked(format!("no handler for route {route}"))));
+            return;
+        };
+        if let Err(id) = self.pools[pool].submit(WorkItem { id, route, job }) {
+            self.outcomes.push((id, Outcome::Panicked("the worker pool is gone".into())));
+        }
+    }
+
+    fn log(&self, event: &EngineEvent) {
+        let service = self.engine.service();
+        let name = |r: RouteId| self.engine.route(r).map_or("?", |r| r.name.as_str()).to_owned();
+        match event {
+            EngineEvent::Retrying { route, attempt, delay, error } => {
+                tracing::info!(service, route = name(*route), attempt, ?delay, error = %error.error, "retrying");
+            }
+            EngineEvent::GaveUp { route, error } => {
+                tracing::info!(service, route = name(*route), error = %error.error, "gave up");
+            }
+            EngineEvent::DeadLettered { route } => {
+                tracing::info!(service, route = name(*route), "dead-lettered");
+            }
+            EngineEvent::CallbackFailed { route, error } => {
+                tracing::warn!(service, route = name(*route), error = %error.error, "failure callback failed");
+            }
+            EngineEvent::ReplyLost { error } => tracing::warn!(service, %error, "RPC reply lost"),
+            EngineEvent::ShutdownTimedOut { unfinished } => {
+                tracing::warn!(service, unfinished, "shutdown timed out");
+            }
+            other => tracing::debug!(service, event = ?other),
+        }
+    }
+
+    fn finish(mut self) -> StopReport {
+        let unfinished = self.stopped.unwrap_or(0);
+        // Unsettled deliveries (and any left in the inbox) go back to their queues.
+        self.hub.close_link(self.link);
+        // Waiters still registered see their sender dropped: ShuttingDown.
+        self.calls.clear();
+        self.emits.clear();
+        let threads: Vec<_> = self.pools.iter_mut().flat_map(Pool::close).collect();
+        // Dropping the receiver makes a worker's outcome send fail, so a thread finishing an
+        // abandoned run ends instead of waiting on a channel nobody reads.
+        drop(self);
+        if unfinished == 0 {
+            // Every run ended, so every thread is idle and ends now that its queue closed.
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        // Otherwise threads still running an abandoned handler are detached: they end when
+        // it returns.
+        StopReport { unfinished }
+    }
+}
+
+/// A driver channel: bounded, so senders wait when the driver falls behind.
+pub(crate) fn channel(capacity: usize) -> (SyncSender<Input>, Receiver<Input>) {
+    mpsc::sync_channel(capacity)
+}

@@ -1,0 +1,261 @@
+//! The shared in-process broker ([`MemoryHubHandle`]) and the process clock.
+//!
+//! Every Runner of a hub holds the same `Arc<Mutex<..>>`: the core's [`MemoryHub`] plus, per
+//! link, an inbox of deliveries and the sender of the link's driver channel. Critical sections
+//! are short and never block: a driver takes the lock once per batch of broker operations,
+//! applies them in order, pumps the broker, and leaves each delivery in the inbox of the
+//! Runner owning its link. An inbox going from empty to non-empty sets the link's `pending`
+//! flag and sends its driver a [`Input::Wake`] with `try_send`: if that driver's channel is
+//! full it is busy anyway and checks its inbox before every input it takes. Nothing under the
+//! lock ever waits on another thread, so the hub cannot deadlock with the drivers' bounded
+//! channels.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::SystemTime;
+
+use microfw_core::broker::ExchangeKind;
+use microfw_core::memory::{MemoryHub, events_exchange};
+use microfw_core::{
+    Delivery, DeliveryTag, Envelope, Instant, LinkId, Publish, PublishError, PublishId, Subscribe,
+    SubscriptionId,
+};
+use serde::Serialize;
+
+use crate::driver::Input;
+
+/// A handle on an in-process broker shared by Runners (cheap to clone).
+///
+/// Runners on one hub exchange events and RPC with no broker installed. It does NOT speak
+/// AMQP and keeps nothing on disk; everything is lost with the process.
+#[derive(Clone)]
+pub struct MemoryHubHandle(Arc<Mutex<HubState>>);
+
+impl MemoryHubHandle {
+    /// A new, empty hub (tests use one each).
+    pub fn new() -> Self {
+        MemoryHubHandle(Arc::new(Mutex::new(HubState { hub: MemoryHub::new(), links: Vec::new() })))
+    }
+
+    /// The process-wide hub Runners use unless told otherwise.
+    pub fn global() -> Self {
+        static GLOBAL: OnceLock<MemoryHubHandle> = OnceLock::new();
+        GLOBAL.get_or_init(MemoryHubHandle::new).clone()
+    }
+
+    /// Runs `f` on the hub under its lock, for inspection (`hub.broker().queue_len(..)`).
+    /// Keep `f` short: every Runner of the hub waits for it.
+    pub fn with<R>(&self, f: impl FnOnce(&MemoryHub) -> R) -> R {
+        f(&self.lock().hub)
+    }
+
+    /// Runs `f` on the hub under its lock (to declare or publish by hand), then hands every
+    /// delivery it made possible to the Runner owning it. Everything `f` publishes reaches
+    /// the consumers' inboxes in one step.
+    pub fn with_mut<R>(&self, f: impl FnOnce(&mut MemoryHub) -> R) -> R {
+        let now = now();
+        let mut state = self.lock();
+        let r = f(&mut state.hub);
+        state.pump(now, None, &mut Vec::new());
+        r
+    }
+
+    /// Ready messages in queue `name` (`None`: no such queue).
+    pub fn queue_len(&self, name: &str) -> Option<usize> {
+        self.with(|h| h.broker().queue_len(name))
+    }
+
+    /// Delivered but unsettled messages of queue `name` (`None`: no such queue).
+    pub fn unacked_len(&self, name: &str) -> Option<usize> {
+        self.with(|h| h.broker().unacked_len(name))
+    }
+
+    /// Publishes an event as Nameko's standalone dispatcher would (bare JSON body, no
+    /// headers) on exchange `<source_service>.events`, declaring it first. Returns how many
+    /// queues it reached. It does NOT go through any Runner (no worker context, no confirm
+    /// wait): use [`RunningService::producer`](crate::RunningService::producer) for that.
+    pub fn publish_event(
+        &self,
+        source_service: &str,
+        event_type: &str,
+        payload: &impl Serialize,
+    ) -> Result<usize, PublishError> {
+        let body = serde_json::to_vec(payload).map_err(|e| PublishError::Other(e.to_string()))?;
+        let exchange = events_exchange(source_service);
+        let now = now();
+        self.with_mut(|hub| {
+            let broker = hub.broker_mut();
+            broker
+                .declare_exchange(&exchange, ExchangeKind::Topic)
+                .map_err(|e| PublishError::Other(e.to_string()))?;
+            broker
+                .publish(now, &exchange, Envelope::raw(exchange.clone(), event_type, body))
+                .map_err(|e| PublishError::Other(e.to_string()))
+        })
+    }
+
+    /// Opens a link whose deliveries wake the driver behind `wake`.
+    pub(crate) fn open_link(&self, wake: SyncSender<Input>) -> (LinkId, Arc<AtomicBool>) {
+        let pending = Arc::new(AtomicBool::new(false));
+        let mut state = self.lock();
+        let id = state.hub.open_link();
+        let index = id.into_raw() as usize;
+        if state.links.len() <= index {
+            state.links.resize_with(index + 1, || None);
+        }
+        state.links[index] = Some(LinkSlot { inbox: Vec::new(), pending: pending.clone(), wake });
+        (id, pending)
+    }
+
+    /// Closes `link`: its unacked deliveries (including any still in its inbox) return to
+    /// their queues, and whatever becomes deliverable goes to the other links.
+    pub(crate) fn close_link(&self, link: LinkId) {
+        let now = now();
+        let mut state = self.lock();
+        if let Some(slot) = state.links.get_mut(link.into_raw() as usize) {
+            *slot = None;
+        }
+        state.hub.close_link(link);
+        state.pump(now, None, &mut Vec::new());
+    }
+
+    /// Moves `link`'s inbox into `inbox` (clearing its pending flag).
+    pub(crate) fn take_inbox(&self, link: LinkId, inbox: &mut Vec<Delivery>) {
+        let mut state = self.lock();
+        state.take_inbox(link, inbox);
+    }
+
+    /// Applies `ops` in order for `link`, pumps, and moves `link`'s inbox into `inbox`.
+    /// Publish confirms go to `confirms`. Returns the hub's next deadline.
+    pub(crate) fn exchange(
+        &self,
+        now: Instant,
+        link: LinkId,
+        ops: &mut Vec<HubOp>,
+        confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
+        inbox: &mut Vec<Delivery>,
+    ) -> Option<Instant> {
+        let mut state = self.lock();
+        for op in ops.drain(..) {
+            match op {
+                HubOp::Subscribe(s) => {
+                    if let Err(e) = state.hub.subscribe(link, &s) {
+                        tracing::error!(subscription = %s.id, error = %e, "memory hub subscribe failed");
+                    }
+                }
+                HubOp::Unsubscribe(id) => {
+                    let _ = state.hub.unsubscribe(link, id);
+                }
+                HubOp::Publish(p) => {
+                    let id = p.id;
+                    let result = state.hub.publish(link, now, p);
+                    confirms.push((id, result));
+                }
+                HubOp::Ack(tag) => state.hub.ack(tag),
+                HubOp::Reject(tag, requeue) => state.hub.reject(now, tag, requeue),
+            }
+        }
+        state.pump(now, Some(link), inbox);
+        state.take_inbox(link, inbox);
+        state.hub.poll_timeout()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock leaves the hub as consistent as the core left it.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Default for MemoryHubHandle {
+    /// The process-wide hub ([`global`](Self::global)), not a new one.
+    fn default() -> Self {
+        MemoryHubHandle::global()
+    }
+}
+
+impl std::fmt::Debug for MemoryHubHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryHubHandle").finish_non_exhaustive()
+    }
+}
+
+/// A broker operation a driver batches until its next turn with the hub.
+#[derive(Debug)]
+pub(crate) enum HubOp {
+    Subscribe(Subscribe),
+    Unsubscribe(SubscriptionId),
+    Publish(Publish),
+    Ack(DeliveryTag),
+    Reject(DeliveryTag, bool),
+}
+
+/// The current time as the core counts it: Unix time read once per process, advanced by a
+/// monotonic clock (so every Runner of the process agrees, and time never goes back).
+pub(crate) fn now() -> Instant {
+    struct Clock {
+        base_std: std::time::Instant,
+        base_unix: Instant,
+    }
+    static CLOCK: OnceLock<Clock> = OnceLock::new();
+    let clock = CLOCK.get_or_init(|| {
+        let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        Clock {
+            base_std: std::time::Instant::now(),
+            base_unix: Instant::from_unix_nanos(u64::try_from(unix.as_nanos()).unwrap_or(u64::MAX)),
+        }
+    });
+    clock.base_unix + clock.base_std.elapsed()
+}
+
+struct HubState {
+    hub: MemoryHub,
+    links: Vec<Option<LinkSlot>>,
+}
+
+struct LinkSlot {
+    inbox: Vec<Delivery>,
+    pending: Arc<AtomicBool>,
+    wake: SyncSender<Input>,
+}
+
+impl HubState {
+    /// Pumps the broker: deliveries for `own` go straight to `own_inbox`, the others to their
+    /// link's inbox (waking its driver when the inbox was empty).
+    fn pump(&mut self, now: Instant, own: Option<LinkId>, own_inbox: &mut Vec<Delivery>) {
+        let HubState { hub, links } = self;
+        let mut orphans: Vec<DeliveryTag> = Vec::new();
+        hub.pump(now, |d| {
+            if Some(d.link) == own {
+                own_inbox.push(d);
+                return;
+            }
+            match links.get_mut(d.link.into_raw() as usize).and_then(Option::as_mut) {
+                Some(slot) => {
+                    if slot.inbox.is_empty() {
+                        slot.pending.store(true, Ordering::Release);
+                        // Full: the driver has inputs to take, and checks its inbox before
+                        // each. Disconnected: it is ending, and closes its link.
+                        let _ = slot.wake.try_send(Input::Wake);
+                    }
+                    slot.inbox.push(d);
+                }
+                None => orphans.push(d.tag),
+            }
+        });
+        for tag in orphans {
+            hub.reject(now, tag, true);
+        }
+    }
+
+    fn take_inbox(&mut self, link: LinkId, inbox: &mut Vec<Delivery>) {
+        if let Some(slot) = self.links.get_mut(link.into_raw() as usize).and_then(Option::as_mut) {
+            slot.pending.store(false, Ordering::Release);
+            if inbox.is_empty() {
+                std::mem::swap(inbox, &mut slot.inbox);
+            } else {
+                inbox.append(&mut slot.inbox);
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! [`Runner`]: builds a service from a config and contexts, starts its driver thread and
+//! worker pools, and stops them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::thread::JoinHandle;
+
+use microfw_core::config::{Config, ConfigError, WorkerMode};
+use microfw_core::extract::Extensions;
+use microfw_core::{BuildError, Engine, RouteId, RunnerContext, Service, ShutdownMode};
+
+use crate::client::{Producer, RpcProxy, ServiceHandle};
+use crate::driver::{self, Driver, Input, StopReport};
+use crate::hub::{MemoryHubHandle, now};
+use crate::pool::Pool;
+
+/// Capacity of a driver's input channel (handler outcomes and client commands). Senders
+/// wait when it is full: back-pressure, not memory growth.
+const INPUT_CAPACITY: usize = 4096;
+
+/// Builds and starts a service (micro_framework's `Runner`).
+///
+/// The config is validated at start (`SERVICE_NAME` required); its `MAX_WORKERS` is the budget
+/// of [`default_context`](Self::default_context) (other contexts keep their own budgets), its
+/// `PREFETCH_COUNT` (if set) raises every context's prefetch, `SHUTDOWN_TIMEOUT` and
+/// `RPC_TIMEOUT` go to the Engine, and `AMQP_DIALECT` is the clients' default dialect.
+///
+/// Each context runs in the config's `WORKER_MODE` unless [`worker_mode`](Self::worker_mode)
+/// overrides it for that context. A `thread` context gets [`ShutdownMode::FinishRunning`] and
+/// a `greedy_thread` context [`ShutdownMode::DrainPending`], overriding the context's own
+/// setting. Every context gets a fixed pool of `max_workers` OS threads (its budget).
+///
+/// Only the memory hub transport exists in this crate so far: it does NOT connect to AMQP.
+/// Only blocking handlers ([`Route::blocking`](microfw_core::Route::blocking),
+/// [`CallbackRoute::blocking`](microfw_core::CallbackRoute::blocking)) run here: an async
+/// handler is a start error naming its route.
+pub struct Runner<S = ()> {
+    config: Config,
+    state: S,
+    contexts: Vec<RunnerContext<S>>,
+    modes: HashMap<usize, WorkerMode>,
+    hub: Option<MemoryHubHandle>,
+}
+
+impl Runner<()> {
+    /// A runner with no shared state.
+    pub fn new(config: Config) -> Self {
+        Runner::with_state(config, ())
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Runner<S> {
+    /// A runner whose handlers can extract `State<T>` for every `T: FromRef<S>`.
+    pub fn with_state(config: Config, state: S) -> Self {
+        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), hub: None }
+    }
+
+    /// Adds a context (micro_framework's `Runner(contexts=[...])`); contexts are numbered
+    /// from 0 in the order added.
+    pub fn context(mut self, context: RunnerContext<S>) -> Self {
+        self.contexts.push(context);
+        self
+    }
+
+    /// An empty context whose budget is the config's `MAX_WORKERS`.
+    pub fn default_context(&self) -> RunnerContext<S> {
+        RunnerContext::new(self.config.max_workers)
+    }
+
+    /// Runs context number `context` (0-based, in the order added) in `mode` instead of the
+    /// config's `WORKER_MODE`. A number with no context is a start error.
+    pub fn worker_mode(mut self, context: usize, mode: WorkerMode) -> Self {
+        self.modes.insert(context, mode);
+        self
+    }
+
+    /// Uses `hub` as the broker (default: [`MemoryHubHandle::global`]).
+    pub fn hub(mut self, hub: MemoryHubHandle) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Validates the definition, starts the worker pools and the driver thread, and returns
+    /// once every consumer is subscribed.
+    pub fn start(self) -> Result<RunningService, StartError> {
+        let Runner { config, state, contexts, modes, hub } = self;
+        config.validate()?;
+        if config.amqp_uri.is_some() {
+            return Err(StartError::AmqpUnsupported);
+        }
+        let name = config.service_name.clone().unwrap_or_default();
+        let default_mode = config.worker_mode;
+        if let Some(&index) = modes.keys().find(|&&i| i >= contexts.len()) {
+            return Err(StartError::NoSuchContext { index, contexts: contexts.len() });
+        }
+        let ctx_modes: Vec<WorkerMode> =
+            (0..contexts.len()).map(|i| modes.get(&i).copied().unwrap_or(default_mode)).collect();
+        // The config default is checked even with no context, so a bad config fails early.
+        for mode in ctx_modes.iter().chain([&default_mode]) {
+            match mode {
+                WorkerMode::Process => return Err(StartError::ProcessModeUnsupported),
+                WorkerMode::Async => return Err(StartError::AsyncModeUnsupported),
+                WorkerMode::Thread | WorkerMode::GreedyThread => {}
+            }
+        }
+        let mut service = Service::with_state(name, state);
+        for (ctx, mode) in contexts.into_iter().zip(&ctx_modes) {
+            let ctx = match config.prefetch_count {
+                Some(prefetch) => ctx.prefetch(prefetch),
+                None => ctx,
+            };
+            service = service.context(match mode {
+                WorkerMode::GreedyThread => ctx.shutdown_mode(ShutdownMode::DrainPending),
+                _ => ctx.shutdown_mode(ShutdownMode::FinishRunning),
+            });
+        }
+        let (spec, table) = service.build()?;
+        let mut route_pool = Vec::with_capacity(spec.routes.len());
+        for (i, (route, ctx)) in spec.routes.iter().enumerate() {
+            match table.handler(RouteId::from_raw(i as u32)) {
+                Some(h) if h.is_blocking() => route_pool.push(ctx.into_raw() as usize),
+                _ => return Err(StartError::AsyncHandler { route: route.name.clone() }),
+            }
+        }
+
+        let table = Arc::new(table);
+        let (tx, rx) = driver::channel(INPUT_CAPACITY);
+        let mut pools = Vec::with_capacity(spec.contexts.len());
+        for (i, ctx) in spec.contexts.iter().enumerate() {
+            let thread_name = format!("{}-{}", spec.name, ctx.metric_label);
+            match Pool::start(ctx.max_workers, &thread_name, &table, &tx) {
+                Ok(pool) => pools.push(pool),
+                Err(e) => {
+                    pools.iter_mut().for_each(|p| drop(p.close()));
+                    return Err(StartError::Threads(format!("context {i}: {e}")));
+                }
+            }
+        }
+
+        let handle =
+            ServiceHandle { tx: tx.clone(), service: spec.name.clone(), dialect: config.amqp_dialect };
+        let mut extensions = Extensions::new();
+        extensions.insert(handle.clone());
+        let engine = Engine::new(&spec, config.engine_config(entropy_seed()));
+        let hub = hub.unwrap_or_else(MemoryHubHandle::global);
+        let (link, pending) = hub.open_link(tx);
+        let mut driver = Driver {
+            engine,
+            hub: hub.clone(),
+            link,
+            pending,
+            rx,
+            route_pool,
+            pools,
+            extensions,
+            calls: HashMap::new(),
+            emits: HashMap::new(),
+            ops: Vec::new(),
+            confirms: Vec::new(),
+            inbox: Vec::new(),
+            outcomes: Vec::new(),
+            hub_deadline: None,
+            shutting_down: false,
+            stopped: None,
+        };
+        driver.engine.handle_start(now());
+        driver.turn(); // subscribes every consumer before start returns
+        let thread =
+            std::thread::Builder::new().name(format!("{}-driver", spec.name)).spawn(move || driver.run());
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                hub.close_link(link);
+                return Err(StartError::Threads(format!("driver: {e}")));
+            }
+        };
+        tracing::info!(service = %spec.name, "started");
+        Ok(RunningService { name: spec.name, handle, thread: Some(thread) })
+    }
+
+    /// Starts the service and blocks until SIGINT or SIGTERM, then stops it gracefully.
+    pub fn run(self) -> Result<StopReport, RunError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        // Install the handlers first: a signal between start and the wait is not lost.
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| RunError::Signal(e.to_string()))?;
+        let service = self.start()?;
+        let signal = signals.forever().next();
+        tracing::info!(service = service.name(), ?signal, "signal received");
+        signals.handle().close();
+        Ok(service.stop()?)
+    }
+}
+
+impl<S> std::fmt::Debug for Runner<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .field("contexts", &self.contexts.len())
+            .field("modes", &self.modes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started service. Stop it with [`stop`](Self::stop); dropping it asks the driver to stop
+/// but waits for nothing.
+#[derive(Debug)]
+pub struct RunningService {
+    name: Arc<str>,
+    handle: ServiceHandle,
+    thread: Option<JoinHandle<StopReport>>,
+}
+
+impl RunningService {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A producer dispatching events as this service, with no worker context.
+    pub fn producer(&self) -> Producer {
+        self.handle.producer()
+    }
+
+    /// An RPC proxy calling from this service, with no worker context.
+    pub fn rpc(&self) -> RpcProxy {
+        self.handle.rpc()
+    }
+
+    /// Asks the driver to begin a graceful stop and returns at once (from a signal handler
+    /// thread, say); [`stop`](Self::stop) waits for the end. Deliveries that reached this
+    /// service before the request are handled by the shutdown mode like any held work.
+    pub fn request_stop(&self) {
+        request(&self.handle.tx);
+    }
+
+    /// Stops gracefully and blocks until done: consumers are cancelled, each context ends as
+    /// its shutdown mode says (at most `SHUTDOWN_TIMEOUT`), the link closes (unsettled
+    /// deliveries go back to their queues) and idle worker threads are joined; threads
+    /// still running an abandoned handler are detached.
+    pub fn stop(mut self) -> Result<StopReport, StopError> {
+        let Some(thread) = self.thread.take() else {
+            return Err(StopError::Driver("already stopped".into()));
+        };
+        request(&self.handle.tx);
+        thread.join().map_err(|p| StopError::Driver(microfw_core::handler::panic_message(&*p)))
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.handle.tx.try_send(Input::Shutdown);
+        }
+    }
+}
+
+/// Why a service did not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The config is not valid (e.g. `SERVICE_NAME` missing).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `AMQP_URI` is set, but this runtime has no AMQP link yet.
+    #[error(
+        "AMQP_URI is set, but microfw-runtime-sync has no AMQP transport yet (unset it to use the memory hub)"
+    )]
+    AmqpUnsupported,
+    /// `WORKER_MODE = process` (for the config or a context).
+    #[error("process worker mode is not supported yet")]
+    ProcessModeUnsupported,
+    /// `WORKER_MODE = async` / `asyncio` (for the config or a context).
+    #[error("async worker mode needs microfw-runtime-tokio")]
+    AsyncModeUnsupported,
+    /// [`Runner::worker_mode`] named a context that was not added.
+    #[error("worker mode set for context {index}, but there are {contexts} contexts")]
+    NoSuchContext {
+        /// The index given.
+        index: usize,
+        /// How many contexts there are.
+        contexts: usize,
+    },
+    /// An async handler: this runtime runs blocking handlers only.
+    #[error(
+        "route {route:?} has an async handler, but microfw-runtime-sync runs blocking handlers only; \
+         use Route::blocking with a plain fn, or microfw-runtime-tokio"
+    )]
+    AsyncHandler {
+        /// The route.
+        route: String,
+    },
+    /// The service definition is invalid.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A worker or driver thread could not be started.
+    #[error("cannot start threads: {0}")]
+    Threads(String),
+}
+
+/// Why [`RunningService::stop`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StopError {
+    /// The driver thread failed (panicked), or the service was already stopped.
+    #[error("the service driver failed: {0}")]
+    Driver(String),
+}
+
+/// Why [`Runner::run`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The service did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Signal handlers could not be installed.
+    #[error("cannot listen for signals: {0}")]
+    Signal(String),
+    /// The stop failed.
+    #[error(transparent)]
+    Stop(#[from] StopError),
+}
+
+/// Sends a stop request; if the driver is gone the send fails and the caller learns it from
+/// the join.
+fn request(tx: &SyncSender<Input>) {
+    let _ = tx.send(Input::Shutdown);
+}
+
+/// A seed from OS entropy: std's per-process random hash keys, mixed with the time, the
+/// process id and a counter (two runners in one process never share a seed).
+fn entropy_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now().as_unix_nanos());
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
