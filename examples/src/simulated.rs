@@ -1,8 +1,6 @@
-//! The microfw quickstart: two services on the embedded memory broker.
-//!
-//! Until the runtimes land (see the runtimes issue) this drives the services with the core's
-//! deterministic simulator on a virtual clock, so it needs no broker and runs instantly. It
-//! shows the pieces of micro_framework's README example:
+//! The quickstart's services driven by the core's deterministic simulator instead of a runtime:
+//! a virtual clock, no threads, no broker, and it runs instantly. The same pieces of
+//! micro_framework's README example as `quickstart_sync`, shown as the Engine decides them:
 //!
 //! * two contexts with separate worker budgets;
 //! * an event listener with a payload filter;
@@ -11,7 +9,7 @@
 //! * a failing handler with retries and a failure callback;
 //! * an RPC call from one service to another.
 //!
-//! Usage: `cargo run -p microfw-examples --bin quickstart -- [--stop-after SECONDS]`
+//! Usage: `cargo run -p microfw-examples --bin simulated -- [--stop-after SECONDS]`
 //! (virtual seconds; default 5).
 
 use std::sync::Arc;
@@ -83,7 +81,7 @@ fn tick(Tick(at): Tick) {
 
 fn main() {
     let stop_after = parse_stop_after().unwrap_or_else(|e| {
-        eprintln!("quickstart: {e}");
+        eprintln!("simulated: {e}");
         std::process::exit(2);
     });
 
@@ -154,7 +152,7 @@ fn parse_stop_after() -> Result<u64, String> {
                     v.parse().map_err(|_| format!("--stop-after: {v:?} is not a number of seconds"))?;
             }
             "-h" | "--help" => {
-                println!("usage: quickstart [--stop-after SECONDS]");
+                println!("usage: simulated [--stop-after SECONDS]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
