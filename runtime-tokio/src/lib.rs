@@ -1,11 +1,84 @@
 //! # microfw-runtime-tokio
 //!
-//! Contract (to be built, see the runtimes issue): one driver task owns a
-//! [`microfw_core::Engine`]-to-be; link readers and handler completions feed one input channel;
-//! the driver drains every action after each input and sleeps until the Engine's next deadline.
-//! Handlers run as tokio tasks (`async` worker mode) or on a dedicated blocking pool (`thread`,
-//! `greedy_thread`).
+//! Runs a microfw service on tokio.
 //!
-//! What it does NOT do yet: anything. This crate is a placeholder that compiles so the
-//! workspace layout is fixed; it holds no API.
+//! ## Contract
+//!
+//! * One driver task per [`Runner`] owns the service's [`Engine`](microfw_core::Engine) and is
+//!   the only code touching it. Handler outcomes, client commands ([`Producer`],
+//!   [`RpcProxy`]), wake-ups from the hub and the stop request reach it over one bounded
+//!   channel; deliveries wait in the link's inbox on the shared [`MemoryHubHandle`] (bounded
+//!   by the consumers' prefetch).
+//! * Each turn it feeds the Engine every available input, drains every action, and carries
+//!   out the broker operations (subscribe, publish, ack, reject) in one short locked section
+//!   of the hub, which then hands each new delivery to the inbox of the Runner it is for.
+//!   It then sleeps until the next input or the Engine's (or the hub's) next deadline.
+//! * Worker modes, per context ([`WorkerMode`]; the config's `WORKER_MODE` unless
+//!   [`Runner::worker_mode`] overrides it):
+//!   * `async` (alias `asyncio`): async handlers run as tokio tasks; the context budget bounds
+//!     concurrency. Each is polled once on the driver first, so a handler that finishes
+//!     without waiting costs no task: an async handler must therefore never block (a
+//!     handler that blocks before its first `.await` stalls the whole service). Blocking
+//!     handlers in an async context are refused at start.
+//!   * `thread` / `greedy_thread`: a dedicated pool of `max_workers` OS threads per context
+//!     (not tokio's blocking pool, so CPU-bound work never blocks the reactor). Blocking
+//!     handlers run there, and async ones too, each pool thread driving them on its own
+//!     current-thread runtime. On stop, `thread` finishes running work and returns the rest
+//!     to the broker; `greedy_thread` runs everything already held first.
+//! * A panicking handler is a failed run ([`Outcome::Panicked`](microfw_core::Outcome)),
+//!   never a crash of the service.
+//! * [`RunningService::stop`] waits at most `SHUTDOWN_TIMEOUT`; runs still going then are
+//!   abandoned (async tasks aborted, pool threads detached) and their deliveries go back to
+//!   the broker.
+//!
+//! ```no_run
+//! use microfw_runtime_tokio::extract::Payload;
+//! use microfw_runtime_tokio::{Config, EventListener, Route, Runner, RunnerContext, WorkerMode};
+//!
+//! async fn greet(Payload(name): Payload<String>) {
+//!     println!("hello {name}");
+//! }
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config {
+//!     service_name: Some("greeter".into()),
+//!     worker_mode: WorkerMode::Async,
+//!     ..Config::default()
+//! };
+//! let route = Route::new(EventListener::new("people", "arrived"), "greet", greet);
+//! Runner::new(config)
+//!     .context(RunnerContext::new(8).route(route))
+//!     .run() // until SIGINT / SIGTERM
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What it does NOT do
+//!
+//! No AMQP or WebSocket links yet: the only transport is the in-process memory hub (shared by
+//! every Runner of a process by default); a config with `AMQP_URI` is refused at start. No
+//! `process` worker mode (refused at start), no metrics, no RPC target listing. It does not
+//! read the environment or a config file: build the [`Config`] (for example with
+//! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in. It decides
+//! nothing the Engine decides (retries, acks, deadlines): it carries out actions and reports
+//! their results.
 #![warn(missing_docs)]
+
+mod client;
+mod driver;
+mod hub;
+mod pool;
+mod runner;
+
+pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy};
+pub use driver::StopReport;
+pub use hub::MemoryHubHandle;
+pub use microfw_core::config::{Config, ConfigError, WorkerMode};
+pub use runner::{RunError, Runner, RunningService, StartError, StopError};
+
+pub use microfw_core::{
+    Backoff, CallError, CallbackRoute, Dialect, EventListener, HandlerError, HandlerType, Outcome,
+    PublishError, RemoteError, Reply, RetryOn, RetryPolicy, Route, RpcListener, RunnerContext, Settle,
+    ShutdownMode, TimeEntrypoint, WsRpcListener, extract,
+};

@@ -1,0 +1,308 @@
+//! The clients handlers (and the program around a running service) use to talk to other
+//! services: [`Producer`] for events and [`RpcProxy`] for RPC calls.
+//!
+//! Both send a command to the service's driver and wait for the Engine's answer; neither
+//! touches the broker itself. Inside a handler they carry the worker's context (Nameko
+//! context data and call id stack); from [`RunningService`](crate::RunningService) they
+//! carry none.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use microfw_core::extract::{FromJobParts, JobParts};
+use microfw_core::worker_context::WorkerContext;
+use microfw_core::{
+    CallError, Dialect, OutgoingCall, OutgoingEvent, PublishError, Rejection, RejectionStage, RemoteError,
+    Transport,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::driver::Input;
+
+/// Why [`Producer::dispatch`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// The payload could not be encoded as JSON.
+    #[error("cannot encode the event payload: {0}")]
+    Encode(String),
+    /// The broker did not take the event.
+    #[error("event not published: {0}")]
+    Publish(PublishError),
+    /// The service stopped before the event was confirmed.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+/// Why an [`RpcProxy`] call failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// The call went out and failed (remote error, timeout, unknown service, shutdown...).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The arguments could not be encoded (args must be an array or tuple, kwargs an object
+    /// or `()`).
+    #[error("cannot encode the call arguments: {0}")]
+    Encode(String),
+    /// The reply could not be decoded into the requested type ([`RpcProxy::call_as`]).
+    #[error("cannot decode the reply: {0}")]
+    Decode(String),
+}
+
+/// Dispatches events as this service (Nameko's `EventDispatcher`).
+///
+/// As a handler parameter it carries the worker's context; from
+/// [`RunningService::producer`](crate::RunningService::producer) it carries none. Events are
+/// published with this service as source (exchange `<service>.events`), in the config's
+/// `AMQP_DIALECT` (Nameko by default).
+/// It does NOT retry a failed publish.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    handle: ServiceHandle,
+    context: Option<WorkerContext>,
+}
+
+impl Producer {
+    /// Publishes `payload` (encoded as JSON now) as event `event_type`; the future resolves
+    /// when the broker confirmed it. The future holds no borrow and is `Send`.
+    pub fn dispatch(
+        &self,
+        event_type: &str,
+        payload: &impl Serialize,
+    ) -> impl Future<Output = Result<(), DispatchError>> + Send + 'static {
+        let event = self.event(event_type, payload);
+        let tx = self.handle.tx.clone();
+        async move {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Input::Emit(event?, reply)).await.map_err(|_| DispatchError::ShuttingDown)?;
+            match rx.await {
+                Ok(result) => result.map_err(DispatchError::Publish),
+                Err(_) => Err(DispatchError::ShuttingDown),
+            }
+        }
+    }
+
+    /// [`dispatch`](Self::dispatch) for blocking handlers (`thread` worker modes), waiting
+    /// on the calling thread. Must NOT be called from async code running on a tokio runtime
+    /// (it panics there, as tokio's blocking calls do).
+    pub fn dispatch_blocking(&self, event_type: &str, payload: &impl Serialize) -> Result<(), DispatchError> {
+        let event = self.event(event_type, payload)?;
+        let (reply, rx) = oneshot::channel();
+        self.handle.tx.blocking_send(Input::Emit(event, reply)).map_err(|_| DispatchError::ShuttingDown)?;
+        match rx.blocking_recv() {
+            Ok(result) => result.map_err(DispatchError::Publish),
+            Err(_) => Err(DispatchError::ShuttingDown),
+        }
+    }
+
+    fn event(&self, event_type: &str, payload: &impl Serialize) -> Result<OutgoingEvent, DispatchError> {
+        let payload = serde_json::to_vec(payload).map_err(|e| DispatchError::Encode(e.to_string()))?;
+        Ok(OutgoingEvent {
+            context: self.context.clone(),
+            source_service: self.handle.service.to_string(),
+            event_type: event_type.to_owned(),
+            payload: Bytes::from(payload),
+            dialect: self.handle.dialect,
+        })
+    }
+}
+
+impl<S> FromJobParts<S> for Producer {
+    fn from_job_parts(parts: &mut JobParts, _: &S) -> Result<Self, Rejection> {
+        let handle = ServiceHandle::from_parts(parts)?;
+        Ok(Producer { handle, context: Some(parts.context.clone()) })
+    }
+}
+
+/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`), over the memory hub.
+///
+/// Every call has a deadline: [`with_timeout`](Self::with_timeout), or the runner's RPC
+/// timeout (`Config::rpc_timeout`, 30 s by default). Calls use the config's `AMQP_DIALECT`
+/// (Nameko by default) unless [`dialect`](Self::dialect) says otherwise. It does NOT list targets (not in this slice)
+/// and does not retry.
+#[derive(Clone, Debug)]
+pub struct RpcProxy {
+    handle: ServiceHandle,
+    context: Option<WorkerContext>,
+    timeout: Option<Duration>,
+    dialect: Dialect,
+}
+
+impl RpcProxy {
+    /// The same proxy with a per-call deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The same proxy speaking `dialect`.
+    pub fn dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// Calls `service.method(*args, **kwargs)` and waits for the reply. `args` must serialize
+    /// to an array (a tuple or `Vec`; `()` for none), `kwargs` to an object (`()` for none).
+    /// Arguments are encoded now; the future holds no borrow and is `Send`.
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> impl Future<Output = Result<Value, RpcError>> + Send + 'static {
+        let sent = self.call_async(service, method, args, kwargs);
+        async move { sent.await?.await }
+    }
+
+    /// [`call`](Self::call), decoding the reply into `T`.
+    pub fn call_as<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> impl Future<Output = Result<T, RpcError>> + Send + 'static {
+        let call = self.call(service, method, args, kwargs);
+        async move { serde_json::from_value(call.await?).map_err(|e| RpcError::Decode(e.to_string())) }
+    }
+
+    /// Sends the request and resolves (once the driver has it) to a [`PendingCall`]: the
+    /// reply, awaited later. Several calls can be in flight this way (micro_framework's
+    /// `call_async`).
+    pub fn call_async(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> impl Future<Output = Result<PendingCall, RpcError>> + Send + 'static {
+        let call = self.outgoing(service, method, args, kwargs);
+        let tx = self.handle.tx.clone();
+        async move {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Input::Call(call?, reply)).await.map_err(|_| CallError::ShuttingDown)?;
+            Ok(PendingCall(rx))
+        }
+    }
+
+    /// [`call`](Self::call) for blocking handlers (`thread` worker modes), waiting on the
+    /// calling thread. Must NOT be called from async code running on a tokio runtime (it
+    /// panics there, as tokio's blocking calls do).
+    pub fn call_blocking(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<Value, RpcError> {
+        let call = self.outgoing(service, method, args, kwargs)?;
+        let (reply, rx) = oneshot::channel();
+        self.handle.tx.blocking_send(Input::Call(call, reply)).map_err(|_| CallError::ShuttingDown)?;
+        PendingCall(rx).wait_blocking()
+    }
+
+    fn outgoing(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<OutgoingCall, RpcError> {
+        let encode = |e: serde_json::Error| RpcError::Encode(e.to_string());
+        let args = match serde_json::to_value(args).map_err(encode)? {
+            Value::Array(a) => a,
+            Value::Null => Vec::new(),
+            other => return Err(RpcError::Encode(format!("args must be an array or tuple, not {other}"))),
+        };
+        let kwargs = match serde_json::to_value(kwargs).map_err(encode)? {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            other => return Err(RpcError::Encode(format!("kwargs must be an object, not {other}"))),
+        };
+        Ok(OutgoingCall {
+            context: self.context.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            args,
+            kwargs,
+            timeout: self.timeout,
+            transport: Transport::Broker,
+            dialect: self.dialect,
+        })
+    }
+}
+
+impl<S> FromJobParts<S> for RpcProxy {
+    fn from_job_parts(parts: &mut JobParts, _: &S) -> Result<Self, Rejection> {
+        let handle = ServiceHandle::from_parts(parts)?;
+        let dialect = handle.dialect;
+        Ok(RpcProxy { handle, context: Some(parts.context.clone()), timeout: None, dialect })
+    }
+}
+
+/// A call sent by [`RpcProxy::call_async`]; await it for the reply. Dropping it does not
+/// cancel the call (its reply is dropped when it comes).
+#[derive(Debug)]
+pub struct PendingCall(oneshot::Receiver<Result<Value, CallError>>);
+
+impl PendingCall {
+    /// Waits for the reply on the calling thread. Must NOT be called from async code running
+    /// on a tokio runtime.
+    pub fn wait_blocking(self) -> Result<Value, RpcError> {
+        match self.0.blocking_recv() {
+            Ok(result) => result.map_err(RpcError::Call),
+            Err(_) => Err(RpcError::Call(CallError::ShuttingDown)),
+        }
+    }
+}
+
+impl Future for PendingCall {
+    type Output = Result<Value, RpcError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(result) => result.map_err(RpcError::Call),
+            Err(_) => Err(RpcError::Call(CallError::ShuttingDown)),
+        })
+    }
+}
+
+/// What the clients need of a running service: its driver's input and its name. Put in
+/// every job's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct ServiceHandle {
+    pub(crate) tx: mpsc::Sender<Input>,
+    pub(crate) service: Arc<str>,
+    /// The default dialect (`AMQP_DIALECT`).
+    pub(crate) dialect: Dialect,
+}
+
+impl ServiceHandle {
+    pub(crate) fn producer(&self) -> Producer {
+        Producer { handle: self.clone(), context: None }
+    }
+
+    pub(crate) fn rpc(&self) -> RpcProxy {
+        RpcProxy { handle: self.clone(), context: None, timeout: None, dialect: self.dialect }
+    }
+
+    fn from_parts(parts: &JobParts) -> Result<Self, Rejection> {
+        parts.extensions.get::<ServiceHandle>().cloned().ok_or_else(|| Rejection {
+            stage: RejectionStage::Extract,
+            error: RemoteError::new(
+                "microfw",
+                "ExtractError",
+                "no microfw-runtime-tokio service handle in this job",
+            ),
+        })
+    }
+}

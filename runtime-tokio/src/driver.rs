@@ -1,0 +1,413 @@
+//! The driver: the one task that owns a service's [`Engine`].
+//!
+//! Each turn it feeds the Engine everything available (channel inputs, outcomes of handlers
+//! that finished inline, deliveries from its inbox, publish confirms, due timeouts), drains
+//! every action, and hands the broker operations to the hub in one locked batch. When nothing
+//! is left it waits for the first of: an input (a wake-up from the hub is one) or the next
+//! deadline.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use futures_util::FutureExt;
+use microfw_core::extract::{Extensions, Job};
+use microfw_core::handler::{BoxedHandler, panic_message};
+use microfw_core::{
+    Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
+    OutgoingCall, OutgoingEvent, PublishError, PublishId,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::hub::{HubOp, LinkSignal, MemoryHubHandle, now, to_tokio};
+use crate::pool::{Pool, WorkItem};
+
+/// What the driver's input channel carries.
+pub(crate) enum Input {
+    /// A handler run ended.
+    Outcome(DispatchId, Outcome),
+    /// An RPC call to make; the reply goes to the sender.
+    Call(OutgoingCall, oneshot::Sender<Result<Value, CallError>>),
+    /// An event to publish; the confirm goes to the sender.
+    Emit(OutgoingEvent, oneshot::Sender<Result<(), PublishError>>),
+    /// Begin a graceful stop.
+    Shutdown,
+    /// The inbox on the hub has deliveries.
+    Wake,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Outcome(id, _) => write!(f, "Outcome({id})"),
+            Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
+            Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
+            Input::Shutdown => f.write_str("Shutdown"),
+            Input::Wake => f.write_str("Wake"),
+        }
+    }
+}
+
+/// Where a route's handler runs.
+pub(crate) struct RouteExec<S> {
+    pub(crate) handler: BoxedHandler<S>,
+    /// The context's thread pool, or `None` for async (tokio tasks).
+    pub(crate) pool: Option<usize>,
+}
+
+/// How a driver ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StopReport {
+    /// Runs and deliveries left unfinished because the shutdown timeout passed (0 on a clean
+    /// stop). Their deliveries went back to the broker.
+    pub unfinished: usize,
+}
+
+pub(crate) struct Driver<S> {
+    pub(crate) engine: Engine,
+    pub(crate) hub: MemoryHubHandle,
+    pub(crate) link: LinkId,
+    pub(crate) signal: Arc<LinkSignal>,
+    pub(crate) rx: mpsc::Receiver<Input>,
+    pub(crate) tx: mpsc::Sender<Input>,
+    pub(crate) routes: Vec<RouteExec<S>>,
+    pub(crate) pools: Vec<Pool<S>>,
+    pub(crate) state: S,
+    pub(crate) extensions: Extensions,
+    pub(crate) calls: IdMap<CallId, oneshot::Sender<Result<Value, CallError>>>,
+    pub(crate) emits: IdMap<PublishId, oneshot::Sender<Result<(), PublishError>>>,
+    /// Async runs that continue as tasks (aborted if the shutdown timeout abandons them).
+    pub(crate) tasks: IdMap<DispatchId, AbortHandle>,
+    pub(crate) ops: Vec<HubOp>,
+    pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
+    pub(crate) inbox: Vec<Delivery>,
+    pub(crate) outcomes: Vec<(DispatchId, Outcome)>,
+    pub(crate) hub_deadline: Option<Instant>,
+    pub(crate) force_exchange: bool,
+    pub(crate) shutting_down: bool,
+    pub(crate) stopped: Option<usize>,
+    /// An input the wait received, fed in the next turn after the inbox.
+    pub(crate) received: Option<Input>,
+}
+
+/// A map keyed by the Engine's sequential numeric ids: no SipHash needed.
+pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Hashes one integer id by a multiplication (Fibonacci hashing).
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+/// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
+const INPUT_BATCH: usize = 256;
+/// Passes per turn before the driver yields to the scheduler.
+const MAX_PASSES: usize = 64;
+
+impl<S: Clone + Send + Sync + 'static> Driver<S> {
+    /// Drives the Engine until it stops, then closes the link and the pools.
+    pub(crate) async fn run(mut self) -> StopReport {
+        // One timer for the driver's life, moved only when the deadline changes.
+        let sleep = tokio::time::sleep_until(to_tokio(now()));
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+        loop {
+            let more = self.turn();
+            if self.stopped.is_some() {
+                break;
+            }
+            if more {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let deadline = match (self.engine.poll_timeout(), self.hub_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            // Waking early is harmless (the turn finds nothing due and re-arms), so the timer
+            // only moves when the deadline comes earlier than the armed one: a stream of calls
+            // with ever later deadlines does not touch the timer wheel.
+            if let Some(d) = deadline
+                && armed.is_none_or(|a| d < a)
+            {
+                sleep.as_mut().reset(to_tokio(d));
+                armed = Some(d);
+            }
+            tokio::select! {
+                biased;
+                input = self.rx.recv() => {
+                    // The driver holds a sender itself, so the channel never closes here.
+                    self.received = input;
+                }
+                () = &mut sleep, if armed.is_some() => armed = None,
+            }
+        }
+        self.finish().await
+    }
+
+    /// Works until nothing is left to do (`false`), or until the pass budget is spent
+    /// (`true`: call again after yielding).
+    pub(crate) fn turn(&mut self) -> bool {
+        // One clock read per turn: a turn lasts microseconds.
+        let now = now();
+        for _ in 0..MAX_PASSES {
+            // The hub first: deliveries that reached the inbox before an input was sent are
+            // fed before that input (a stop does not overtake work already delivered).
+            if !self.ops.is_empty()
+                || self.force_exchange
+                || self.signal.pending()
+                || self.hub_deadline.is_some_and(|t| t <= now)
+            {
+                self.force_exchange = false;
+                self.hub_deadline =
+                    self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+            }
+            if self.stopped.is_some() {
+                return false;
+            }
+            let mut work = false;
+            if !self.inbox.is_empty() {
+                work = true;
+                for delivery in self.inbox.drain(..) {
+                    self.engine.handle_delivery(now, delivery);
+                }
+            }
+            if !self.confirms.is_empty() {
+                work = true;
+                for (id, result) in self.confirms.drain(..) {
+                    self.engine.handle_publish_result(now, id, result);
+                }
+            }
+            if !self.outcomes.is_empty() {
+                work = true;
+                let mut outcomes = std::mem::take(&mut self.outcomes);
+                for (id, outcome) in outcomes.drain(..) {
+                    self.engine.handle_outcome(now, id, outcome);
+                }
+                if self.outcomes.is_empty() {
+                    self.outcomes = outcomes; // keep the capacity
+                }
+            }
+            if let Some(input) = self.received.take() {
+                work = true;
+                self.input(now, input);
+            }
+            for _ in 0..INPUT_BATCH {
+                match self.rx.try_recv() {
+                    Ok(input) => {
+                        self.input(now, input);
+                        work = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                work = true;
+                self.engine.handle_timeout(now);
+            }
+            work |= self.drain_actions();
+            if !work {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn input(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Outcome(id, outcome) => {
+                if !self.tasks.is_empty() {
+                    self.tasks.remove(&id);
+                }
+                self.engine.handle_outcome(now, id, outcome);
+            }
+            Input::Call(call, reply) => {
+                let id = self.engine.handle_call(now, call);
+                self.calls.insert(id, reply);
+            }
+            Input::Emit(event, reply) => {
+                let id = self.engine.handle_emit(now, event);
+                self.emits.insert(id, reply);
+            }
+            Input::Wake => self.force_exchange = true,
+            Input::Shutdown => {
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    tracing::info!(service = self.engine.service(), "stopping");
+                    self.engine.handle_shutdown(now);
+                }
+            }
+        }
+    }
+
+    /// Carries out every pending action; true if there was any.
+    fn drain_actions(&mut self) -> bool {
+        let mut any = false;
+        while let Some(action) = self.engine.poll_action() {
+            any = true;
+            match action {
+                Action::Subscribe(s) => self.ops.push(HubOp::Subscribe(s)),
+                Action::Unsubscribe { id, .. } => self.ops.push(HubOp::Unsubscribe(id)),
+                Action::Dispatch(d) => self.dispatch(d),
+                Action::Publish(p) => self.ops.push(HubOp::Publish(p)),
+                Action::Ack(d) => self.ops.push(HubOp::Ack(d.tag)),
+                Action::Reject { delivery, requeue } => self.ops.push(HubOp::Reject(delivery.tag, requeue)),
+                Action::Resolve { call, result } => {
+                    if let Some(reply) = self.calls.remove(&call) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Action::Emitted { id, result } => {
+                    if let Some(reply) = self.emits.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Action::Event(e) => self.log(&e),
+                Action::Stopped { unfinished } => {
+                    tracing::info!(service = self.engine.service(), unfinished, "stopped");
+                    self.stopped = Some(unfinished);
+                }
+            }
+        }
+        any
+    }
+
+    fn dispatch(&mut self, dispatch: Dispatch) {
+        let Dispatch { id, route, mut job } = dispatch;
+        job.parts.extensions = self.extensions.clone();
+        let Some(exec) = self.routes.get(route.into_raw() as usize) else {
+            self.outcomes.push((id, Outcome::Panicked(format!("no handler for route {route}"))));
+            return;
+        };
+        match exec.pool {
+            Some(pool) => {
+                let item = WorkItem { id, handler: exec.handler.clone(), job, state: self.state.clone() };
+                if let Err(id) = self.pools[pool].submit(item) {
+                    self.outcomes.push((id, Outcome::Panicked("the worker pool is gone".into())));
+                }
+            }
+            None => {
+                let handler = &exec.handler;
+                let state = self.state.clone();
+                match run_async(handler, id, job, state, &self.tx) {
+                    Ok(outcome) => self.outcomes.push((id, outcome)),
+                    Err(task) => {
+                        self.tasks.insert(id, task);
+                    }
+                }
+            }
+        }
+    }
+
+    fn log(&self, event: &EngineEvent) {
+        let service = self.engine.service();
+        let name =
+            |r: microfw_core::RouteId| self.engine.route(r).map_or("?", |r| r.name.as_str()).to_owned();
+        match event {
+            EngineEvent::Retrying { route, attempt, delay, error } => {
+                tracing::info!(service, route = name(*route), attempt, ?delay, error = %error.error, "retrying");
+            }
+            EngineEvent::GaveUp { route, error } => {
+                tracing::info!(service, route = name(*route), error = %error.error, "gave up");
+            }
+            EngineEvent::DeadLettered { route } => {
+                tracing::info!(service, route = name(*route), "dead-lettered");
+            }
+            EngineEvent::CallbackFailed { route, error } => {
+                tracing::warn!(service, route = name(*route), error = %error.error, "failure callback failed");
+            }
+            EngineEvent::ReplyLost { error } => tracing::warn!(service, %error, "RPC reply lost"),
+            EngineEvent::ShutdownTimedOut { unfinished } => {
+                tracing::warn!(service, unfinished, "shutdown timed out");
+            }
+            other => tracing::debug!(service, event = ?other),
+        }
+    }
+
+    async fn finish(mut self) -> StopReport {
+        let unfinished = self.stopped.unwrap_or(0);
+        if !self.ops.is_empty() {
+            // The last acks and rejects, before the close returns whatever is left.
+            self.hub.exchange(now(), self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+        }
+        self.hub.close_link(self.link);
+        // Waiters still registered see their sender dropped: ShuttingDown.
+        self.calls.clear();
+        self.emits.clear();
+        // Async runs the shutdown timeout abandoned are cancelled (their deliveries are
+        // already back in the queue).
+        for (_, task) in self.tasks.drain() {
+            task.abort();
+        }
+        let threads: Vec<_> = self.pools.iter_mut().flat_map(Pool::close).collect();
+        drop(self);
+        if unfinished == 0 {
+            // Every run ended, so every thread is idle and ends now that its queue closed.
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        }
+        // Otherwise threads still running an abandoned handler are detached: they end when
+        // it returns (their outcome has nowhere to go).
+        StopReport { unfinished }
+    }
+}
+
+/// Starts an async handler. It is polled once right here: a handler that finishes without
+/// waiting (the common case for a quick handler) costs no task. Otherwise it continues as a
+/// tokio task that sends its outcome to the driver. `Ok`: it already finished; `Err`: the
+/// task's abort handle.
+fn run_async<S: 'static>(
+    handler: &BoxedHandler<S>,
+    id: DispatchId,
+    job: Job,
+    state: S,
+    tx: &mpsc::Sender<Input>,
+) -> Result<Outcome, AbortHandle> {
+    let mut fut = match catch_unwind(AssertUnwindSafe(|| handler.call_async(job, state))) {
+        Ok(Some(fut)) => fut,
+        Ok(None) => return Ok(Outcome::Panicked("a blocking handler cannot run as a task".into())),
+        Err(p) => return Ok(Outcome::Panicked(panic_message(&*p))),
+    };
+    let mut cx = Context::from_waker(Waker::noop());
+    match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(Poll::Ready(outcome)) => Ok(outcome),
+        Err(p) => Ok(Outcome::Panicked(panic_message(&*p))),
+        Ok(Poll::Pending) => {
+            let tx = tx.clone();
+            let task = tokio::spawn(async move {
+                let outcome = AssertUnwindSafe(fut)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| Outcome::Panicked(panic_message(&*p)));
+                let _ = tx.send(Input::Outcome(id, outcome)).await;
+            });
+            Err(task.abort_handle())
+        }
+    }
+}

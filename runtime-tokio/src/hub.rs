@@ -1,0 +1,316 @@
+//! The shared in-process broker ([`MemoryHubHandle`]) and the process clock.
+//!
+//! Every Runner of a hub holds the same `Arc<Mutex<..>>`: the core's [`MemoryHub`] plus, per
+//! link, an inbox of deliveries and a wake-up signal. Critical sections are short and never
+//! span an `.await`: a driver takes the lock once per batch of broker operations, applies
+//! them in order, pumps the broker, and leaves each delivery in the inbox of the Runner that
+//! owns its link (waking it through its input channel if its inbox was empty). Deliveries
+//! wait in an inbox rather than in the bounded input channel because a delivery can be
+//! neither dropped nor waited for under the lock; the inbox is bounded by the prefetch of
+//! the link's consumers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::SystemTime;
+
+use microfw_core::memory::MemoryHub;
+use microfw_core::{
+    Delivery, DeliveryTag, Instant, LinkId, Publish, PublishError, PublishId, Subscribe, SubscriptionId,
+};
+use tokio::sync::mpsc;
+
+use crate::driver::Input;
+
+/// A handle on an in-process broker shared by Runners (cheap to clone).
+///
+/// Runners on one hub exchange events and RPC with no broker installed. It does NOT speak
+/// AMQP and keeps nothing on disk; everything is lost with the process.
+#[derive(Clone)]
+pub struct MemoryHubHandle(Arc<Mutex<HubState>>);
+
+impl MemoryHubHandle {
+    /// A new, empty hub (tests use one each).
+    pub fn new() -> Self {
+        MemoryHubHandle(Arc::new(Mutex::new(HubState { hub: MemoryHub::new(), links: Vec::new() })))
+    }
+
+    /// The process-wide hub Runners use unless told otherwise.
+    pub fn global() -> Self {
+        static GLOBAL: OnceLock<MemoryHubHandle> = OnceLock::new();
+        GLOBAL.get_or_init(MemoryHubHandle::new).clone()
+    }
+
+    /// Runs `f` on the hub under its lock, for inspection (`hub.broker().queue_len(..)`).
+    /// Keep `f` short: every Runner of the hub waits for it. `f` must not use this handle
+    /// (the lock is not reentrant).
+    pub fn with<R>(&self, f: impl FnOnce(&MemoryHub) -> R) -> R {
+        f(&self.lock().hub)
+    }
+
+    /// Runs `f` on the hub under its lock (to declare or publish by hand), then hands every
+    /// delivery it made possible to the Runner owning it. Same rules as [`with`](Self::with).
+    pub fn with_mut<R>(&self, f: impl FnOnce(&mut MemoryHub) -> R) -> R {
+        let now = now();
+        let mut state = self.lock();
+        let r = f(&mut state.hub);
+        state.pump(now, None, &mut Vec::new());
+        r
+    }
+
+    /// Ready messages in queue `name` (`None`: no such queue).
+    pub fn queue_len(&self, name: &str) -> Option<usize> {
+        self.with(|h| h.broker().queue_len(name))
+    }
+
+    pub(crate) fn open_link(&self, wake: mpsc::Sender<Input>) -> (LinkId, Arc<LinkSignal>) {
+        let signal = Arc::new(LinkSignal { wake, pending: AtomicBool::new(false) });
+        let mut state = self.lock();
+        let id = state.hub.open_link();
+        let index = id.into_raw() as usize;
+        if state.links.len() <= index {
+            state.links.resize_with(index + 1, || None);
+        }
+        state.links[index] = Some(LinkSlot { inbox: Vec::new(), signal: signal.clone() });
+        (id, signal)
+    }
+
+    /// Closes `link`: its unacked deliveries (including any still in its inbox) return to
+    /// their queues, and whatever becomes deliverable goes to the other links.
+    pub(crate) fn close_link(&self, link: LinkId) {
+        let now = now();
+        let mut state = self.lock();
+        if let Some(slot) = state.links.get_mut(link.into_raw() as usize) {
+            *slot = None;
+        }
+        state.hub.close_link(link);
+        state.pump(now, None, &mut Vec::new());
+    }
+
+    /// Applies `ops` in order for `link`, pumps, and moves `link`'s inbox into `inbox`.
+    /// Publish confirms go to `confirms`. Returns the hub's next deadline.
+    pub(crate) fn exchange(
+        &self,
+        now: Instant,
+        link: LinkId,
+        ops: &mut Vec<HubOp>,
+        confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
+        inbox: &mut Vec<Delivery>,
+    ) -> Option<Instant> {
+        let mut state = self.lock();
+        for op in ops.drain(..) {
+            match op {
+                HubOp::Subscribe(s) => {
+                    if let Err(e) = state.hub.subscribe(link, &s) {
+                        tracing::error!(subscription = %s.id, error = %e, "memory hub subscribe failed");
+                    }
+                }
+                HubOp::Unsubscribe(id) => {
+                    let _ = state.hub.unsubscribe(link, id);
+                }
+                HubOp::Publish(p) => {
+                    let id = p.id;
+                    let result = state.hub.publish(link, now, p);
+                    confirms.push((id, result));
+                }
+                HubOp::Ack(tag) => state.hub.ack(tag),
+                HubOp::Reject(tag, requeue) => state.hub.reject(now, tag, requeue),
+            }
+        }
+        state.pump(now, Some(link), inbox);
+        if let Some(slot) = state.links.get_mut(link.into_raw() as usize).and_then(Option::as_mut) {
+            slot.signal.pending.store(false, Ordering::Release);
+            if inbox.is_empty() {
+                std::mem::swap(inbox, &mut slot.inbox);
+            } else {
+                inbox.append(&mut slot.inbox);
+            }
+        }
+        state.hub.poll_timeout()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock leaves the hub as consistent as the core left it.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Default for MemoryHubHandle {
+    /// The process-wide hub ([`global`](Self::global)), not a new one.
+    fn default() -> Self {
+        MemoryHubHandle::global()
+    }
+}
+
+impl std::fmt::Debug for MemoryHubHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryHubHandle").finish_non_exhaustive()
+    }
+}
+
+/// A broker operation a driver batches until its next turn with the hub.
+#[derive(Debug)]
+pub(crate) enum HubOp {
+    Subscribe(Subscribe),
+    Unsubscribe(SubscriptionId),
+    Publish(Publish),
+    Ack(DeliveryTag),
+    Reject(DeliveryTag, bool),
+}
+
+/// How a link's driver learns that its inbox has deliveries: `pending` is set, and an
+/// [`Input::Wake`] is sent on its input channel when the inbox was empty. If that channel is
+/// full the wake is dropped: the driver is busy with those inputs and checks `pending` after
+/// each batch.
+#[derive(Debug)]
+pub(crate) struct LinkSignal {
+    wake: mpsc::Sender<Input>,
+    pending: AtomicBool,
+}
+
+impl LinkSignal {
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+}
+
+/// The current time as the core counts it: Unix time read once per process, advanced by a
+/// monotonic clock (so every Runner of the process agrees, and time never goes back).
+pub(crate) fn now() -> Instant {
+    let clock = clock();
+    clock.base_unix + clock.base_std.elapsed()
+}
+
+/// The tokio instant of a core instant (for `sleep_until`), with no clock read.
+pub(crate) fn to_tokio(at: Instant) -> tokio::time::Instant {
+    let clock = clock();
+    tokio::time::Instant::from_std(clock.base_std + at.saturating_duration_since(clock.base_unix))
+}
+
+struct Clock {
+    base_std: std::time::Instant,
+    base_unix: Instant,
+}
+
+fn clock() -> &'static Clock {
+    static CLOCK: OnceLock<Clock> = OnceLock::new();
+    CLOCK.get_or_init(|| {
+        let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        Clock {
+            base_std: std::time::Instant::now(),
+            base_unix: Instant::from_unix_nanos(u64::try_from(unix.as_nanos()).unwrap_or(u64::MAX)),
+        }
+    })
+}
+
+struct HubState {
+    hub: MemoryHub,
+    links: Vec<Option<LinkSlot>>,
+}
+
+struct LinkSlot {
+    inbox: Vec<Delivery>,
+    signal: Arc<LinkSignal>,
+}
+
+impl HubState {
+    /// Pumps the broker: deliveries for `own` go straight to `own_inbox`, the others to their
+    /// link's inbox (waking its driver when the inbox was empty).
+    fn pump(&mut self, now: Instant, own: Option<LinkId>, own_inbox: &mut Vec<Delivery>) {
+        let HubState { hub, links } = self;
+        let mut orphans: Vec<DeliveryTag> = Vec::new();
+        hub.pump(now, |d| {
+            if Some(d.link) == own {
+                own_inbox.push(d);
+                return;
+            }
+            match links.get_mut(d.link.into_raw() as usize).and_then(Option::as_mut) {
+                Some(slot) => {
+                    if slot.inbox.is_empty() {
+                        slot.signal.pending.store(true, Ordering::Release);
+                        let _ = slot.signal.wake.try_send(Input::Wake);
+                    }
+                    slot.inbox.push(d);
+                }
+                None => orphans.push(d.tag),
+            }
+        });
+        for tag in orphans {
+            hub.reject(now, tag, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use microfw_core::{Destination, Dialect, Envelope, HandlerType, Source, Transport};
+
+    use super::*;
+
+    fn subscribe() -> HubOp {
+        HubOp::Subscribe(Subscribe {
+            id: SubscriptionId::from_raw(1),
+            transport: Transport::Broker,
+            source: Source::Event {
+                source_service: "src".into(),
+                event_type: "e".into(),
+                handler_type: HandlerType::ServicePool,
+                dialect: Dialect::Nameko,
+                service: "svc".into(),
+                route: "h".into(),
+            },
+            prefetch: 8,
+        })
+    }
+
+    fn publish(id: u64) -> HubOp {
+        HubOp::Publish(Publish {
+            id: PublishId::from_raw(id),
+            transport: Transport::Broker,
+            destination: Destination::Event {
+                source_service: "src".into(),
+                event_type: "e".into(),
+                dialect: Dialect::Nameko,
+            },
+            mandatory: false,
+            envelope: Envelope::raw("", "", "1"),
+        })
+    }
+
+    #[test]
+    fn a_publish_lands_in_the_subscriber_inbox_and_wakes_it_once() {
+        let hub = MemoryHubHandle::new();
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, _rx_b) = mpsc::channel(8);
+        let (a, signal_a) = hub.open_link(tx_a);
+        let (b, _) = hub.open_link(tx_b);
+        let (mut confirms, mut inbox) = (Vec::new(), Vec::new());
+        hub.exchange(now(), a, &mut vec![subscribe()], &mut confirms, &mut inbox);
+        assert!(inbox.is_empty() && confirms.is_empty());
+
+        hub.exchange(now(), b, &mut vec![publish(1), publish(2)], &mut confirms, &mut inbox);
+        assert_eq!(confirms.len(), 2);
+        assert!(confirms.iter().all(|(_, r)| r.is_ok()));
+        assert!(inbox.is_empty(), "the deliveries are a's, not b's");
+        assert!(signal_a.pending());
+        assert!(matches!(rx_a.try_recv(), Ok(Input::Wake)));
+        assert!(rx_a.try_recv().is_err(), "one wake for a batch");
+
+        hub.exchange(now(), a, &mut Vec::new(), &mut confirms, &mut inbox);
+        assert_eq!(inbox.len(), 2);
+        assert!(inbox.iter().all(|d| d.link == a));
+        assert!(!signal_a.pending());
+        assert_eq!(hub.with(|h| h.broker().unacked_len("evt-src-e--svc.h")), Some(2));
+
+        // Closing the link returns what it left unacked.
+        hub.close_link(a);
+        assert_eq!(hub.queue_len("evt-src-e--svc.h"), Some(2));
+    }
+
+    #[test]
+    fn tokio_deadlines_follow_the_core_clock() {
+        let now = now();
+        let later = now + std::time::Duration::from_millis(250);
+        let gap = to_tokio(later) - to_tokio(now);
+        assert_eq!(gap, std::time::Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,109 @@
+//! A context's dedicated pool of OS threads for blocking handlers (`thread` and
+//! `greedy_thread` worker modes). Not tokio's blocking pool: CPU-bound handlers never compete
+//! with the reactor or with other contexts.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use futures_util::FutureExt;
+use microfw_core::extract::Job;
+use microfw_core::handler::{BoxedHandler, panic_message};
+use microfw_core::{DispatchId, Outcome};
+use tokio::sync::mpsc::Sender;
+
+use crate::driver::Input;
+
+/// One run for a pool thread.
+pub(crate) struct WorkItem<S> {
+    pub(crate) id: DispatchId,
+    pub(crate) handler: BoxedHandler<S>,
+    pub(crate) job: Job,
+    pub(crate) state: S,
+}
+
+/// `max_workers` threads taking [`WorkItem`]s from one channel and sending each outcome to
+/// the driver.
+pub(crate) struct Pool<S> {
+    jobs: Option<mpsc::Sender<WorkItem<S>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl<S: Send + 'static> Pool<S> {
+    /// Starts `size` threads named after the service and context.
+    pub(crate) fn start(size: u32, name: &str, outcomes: Sender<Input>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<WorkItem<S>>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..size.max(1) {
+            let rx = rx.clone();
+            let outcomes = outcomes.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(&rx, &outcomes))?;
+            threads.push(thread);
+        }
+        Ok(Pool { jobs: Some(tx), threads })
+    }
+
+    /// Queues a run. `Err` gives its id back if every thread is gone.
+    pub(crate) fn submit(&self, item: WorkItem<S>) -> Result<(), DispatchId> {
+        let id = item.id;
+        match &self.jobs {
+            Some(tx) => tx.send(item).map_err(|_| id),
+            None => Err(id),
+        }
+    }
+
+    /// Closes the queue; idle threads end. Returns the threads for joining.
+    pub(crate) fn close(&mut self) -> Vec<JoinHandle<()>> {
+        self.jobs = None;
+        std::mem::take(&mut self.threads)
+    }
+}
+
+impl<S> std::fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("threads", &self.threads.len()).finish()
+    }
+}
+
+/// Runs one item on the calling (non-async) thread. Async handlers run to completion on
+/// `rt`, a current-thread runtime built on first need.
+pub(crate) fn run_item<S: 'static>(item: WorkItem<S>, rt: &mut Option<tokio::runtime::Runtime>) -> Outcome {
+    let WorkItem { handler, job, state, .. } = item;
+    if handler.is_blocking() {
+        return handler.call_blocking(job, state).unwrap_or_else(|| Outcome::Panicked("not blocking".into()));
+    }
+    let fut = match catch_unwind(AssertUnwindSafe(|| handler.call_async(job, state))) {
+        Ok(Some(fut)) => fut,
+        Ok(None) => return Outcome::Panicked("handler is neither async nor blocking".into()),
+        Err(p) => return Outcome::Panicked(panic_message(&*p)),
+    };
+    if rt.is_none() {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => *rt = Some(r),
+            Err(e) => return Outcome::Panicked(format!("cannot build a runtime for an async handler: {e}")),
+        }
+    }
+    let Some(rt) = rt.as_ref() else { return Outcome::Panicked("no runtime".into()) };
+    rt.block_on(AssertUnwindSafe(fut).catch_unwind())
+        .unwrap_or_else(|p| Outcome::Panicked(panic_message(&*p)))
+}
+
+fn worker<S: 'static>(rx: &Mutex<mpsc::Receiver<WorkItem<S>>>, outcomes: &Sender<Input>) {
+    let mut rt = None;
+    loop {
+        let item = {
+            let Ok(rx) = rx.lock() else { return };
+            rx.recv()
+        };
+        let Ok(item) = item else { return };
+        let id = item.id;
+        let outcome = run_item(item, &mut rt);
+        if outcomes.blocking_send(Input::Outcome(id, outcome)).is_err() {
+            return; // the driver is gone
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! [`Runner`]: builds a service from a config and contexts, starts its driver, and stops it.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use microfw_core::config::{Config, ConfigError, WorkerMode};
+use microfw_core::extract::Extensions;
+use microfw_core::{BuildError, Engine, RunnerContext, Service, ShutdownMode};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::client::{Producer, RpcProxy, ServiceHandle};
+use crate::driver::{Driver, Input, RouteExec, StopReport};
+use crate::hub::{MemoryHubHandle, now};
+use crate::pool::Pool;
+
+/// Capacity of a driver's input channel (handler outcomes and client commands). Senders
+/// wait when it is full: back-pressure, not memory growth.
+const INPUT_CAPACITY: usize = 4096;
+
+/// Builds and starts a service (micro_framework's `Runner`).
+///
+/// Each context runs in the config's `WORKER_MODE` unless [`worker_mode`](Self::worker_mode)
+/// overrides it, with its own budget ([`RunnerContext::new`]); `PREFETCH_COUNT`, when set,
+/// becomes every context's prefetch (never below its budget). `thread` contexts get [`ShutdownMode::FinishRunning`] and `greedy_thread`
+/// contexts [`ShutdownMode::DrainPending`] (overriding the context's own setting); `async`
+/// contexts keep theirs. Only the memory hub transport exists in this crate so far: it does
+/// NOT connect to AMQP even if the config names a URI.
+pub struct Runner<S = ()> {
+    config: Config,
+    state: S,
+    contexts: Vec<RunnerContext<S>>,
+    modes: HashMap<usize, WorkerMode>,
+    hub: Option<MemoryHubHandle>,
+}
+
+impl Runner<()> {
+    /// A runner with no shared state.
+    pub fn new(config: Config) -> Self {
+        Runner::with_state(config, ())
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Runner<S> {
+    /// A runner whose handlers can extract `State<T>` for every `T: FromRef<S>`.
+    pub fn with_state(config: Config, state: S) -> Self {
+        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), hub: None }
+    }
+
+    /// Adds a context (micro_framework's `Runner(contexts=[...])`); contexts are numbered
+    /// from 0 in the order added.
+    pub fn context(mut self, context: RunnerContext<S>) -> Self {
+        self.contexts.push(context);
+        self
+    }
+
+    /// An empty context whose budget is the config's `MAX_WORKERS`.
+    pub fn default_context(&self) -> RunnerContext<S> {
+        RunnerContext::new(self.config.max_workers)
+    }
+
+    /// Runs context number `context` (0-based, in the order added) in `mode` instead of the
+    /// config's `WORKER_MODE`. A number with no context is a start error.
+    pub fn worker_mode(mut self, context: usize, mode: WorkerMode) -> Self {
+        self.modes.insert(context, mode);
+        self
+    }
+
+    /// Uses `hub` as the broker (default: [`MemoryHubHandle::global`]).
+    pub fn hub(mut self, hub: MemoryHubHandle) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Validates the definition, starts the worker pools and the driver, and returns once
+    /// every consumer is subscribed. Must be called on a tokio runtime (multi-threaded
+    /// recommended; a current-thread runtime works but runs handlers and the driver on one
+    /// thread).
+    pub async fn start(self) -> Result<RunningService, StartError> {
+        let Runner { config, state, contexts, modes, hub } = self;
+        config.validate()?;
+        if config.amqp_uri.is_some() {
+            return Err(StartError::AmqpUnsupported);
+        }
+        let name = config.service_name.clone().unwrap_or_default();
+        if let Some(&index) = modes.keys().find(|&&i| i >= contexts.len()) {
+            return Err(StartError::NoSuchContext { index, contexts: contexts.len() });
+        }
+        let ctx_modes: Vec<WorkerMode> =
+            (0..contexts.len()).map(|i| modes.get(&i).copied().unwrap_or(config.worker_mode)).collect();
+        if config.worker_mode == WorkerMode::Process || ctx_modes.contains(&WorkerMode::Process) {
+            return Err(StartError::ProcessModeUnsupported);
+        }
+        let mut service = Service::with_state(name, state);
+        for (ctx, mode) in contexts.into_iter().zip(&ctx_modes) {
+            let ctx = match config.prefetch_count {
+                Some(prefetch) => ctx.prefetch(prefetch),
+                None => ctx,
+            };
+            service = service.context(match mode {
+                WorkerMode::Thread => ctx.shutdown_mode(ShutdownMode::FinishRunning),
+                WorkerMode::GreedyThread => ctx.shutdown_mode(ShutdownMode::DrainPending),
+                WorkerMode::Async | WorkerMode::Process => ctx,
+            });
+        }
+        let (spec, table) = service.build()?;
+
+        // Check every route against its context's mode before starting any thread.
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        for (handler, (route, ctx)) in table.handlers().iter().zip(&spec.routes) {
+            let index = ctx.into_raw() as usize;
+            if handler.is_blocking() && ctx_modes[index] == WorkerMode::Async {
+                return Err(StartError::BlockingHandlerInAsyncContext { route: route.name.clone() });
+            }
+            routes.push(RouteExec { handler: handler.clone(), pool: None });
+        }
+        let (tx, rx) = mpsc::channel(INPUT_CAPACITY);
+        let mut pools = Vec::new();
+        let mut pool_of_context = Vec::new();
+        for (i, (ctx, mode)) in spec.contexts.iter().zip(&ctx_modes).enumerate() {
+            if *mode == WorkerMode::Async {
+                pool_of_context.push(None);
+            } else {
+                let thread_name = format!("{}-{}", spec.name, ctx.metric_label);
+                let pool = Pool::start(ctx.max_workers, &thread_name, tx.clone())
+                    .map_err(|e| StartError::Threads(format!("context {i}: {e}")))?;
+                pools.push(pool);
+                pool_of_context.push(Some(pools.len() - 1));
+            }
+        }
+        for (exec, (_, ctx)) in routes.iter_mut().zip(&spec.routes) {
+            exec.pool = pool_of_context[ctx.into_raw() as usize];
+        }
+
+        let handle =
+            ServiceHandle { tx: tx.clone(), service: spec.name.clone(), dialect: config.amqp_dialect };
+        let mut extensions = Extensions::new();
+        extensions.insert(handle.clone());
+        let engine = Engine::new(&spec, config.engine_config(entropy_seed()));
+        let hub = hub.unwrap_or_else(MemoryHubHandle::global);
+        let (link, signal) = hub.open_link(tx.clone());
+        let mut driver = Driver {
+            engine,
+            hub,
+            link,
+            signal,
+            rx,
+            tx,
+            routes,
+            pools,
+            state: table.state().clone(),
+            extensions,
+            calls: Default::default(),
+            emits: Default::default(),
+            tasks: Default::default(),
+            ops: Vec::new(),
+            confirms: Vec::new(),
+            inbox: Vec::new(),
+            outcomes: Vec::new(),
+            hub_deadline: None,
+            force_exchange: false,
+            shutting_down: false,
+            stopped: None,
+            received: None,
+        };
+        driver.engine.handle_start(now());
+        driver.turn(); // subscribes every consumer before start returns
+        tracing::info!(service = %spec.name, "started");
+        let task = tokio::spawn(driver.run());
+        Ok(RunningService { name: spec.name, handle, task: Some(task) })
+    }
+
+    /// Starts the service and runs it until SIGINT or SIGTERM, then stops it gracefully. The
+    /// signal handlers are installed before the service starts.
+    pub async fn run(self) -> Result<StopReport, RunError> {
+        let signals = Signals::new().map_err(|e| RunError::Signal(e.to_string()))?;
+        let service = self.start().await?;
+        signals.wait().await;
+        tracing::info!(service = service.name(), "signal received");
+        Ok(service.stop().await?)
+    }
+}
+
+impl<S> std::fmt::Debug for Runner<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .field("contexts", &self.contexts.len())
+            .field("modes", &self.modes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started service. Stop it with [`stop`](Self::stop); dropping it asks the driver to stop
+/// but waits for nothing.
+#[derive(Debug)]
+pub struct RunningService {
+    name: Arc<str>,
+    handle: ServiceHandle,
+    task: Option<JoinHandle<StopReport>>,
+}
+
+impl RunningService {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A producer dispatching events as this service, with no worker context.
+    pub fn producer(&self) -> Producer {
+        self.handle.producer()
+    }
+
+    /// An RPC proxy calling from this service, with no worker context.
+    pub fn rpc(&self) -> RpcProxy {
+        self.handle.rpc()
+    }
+
+    /// Stops gracefully: consumers are cancelled, each context ends as its shutdown mode says
+    /// (at most `SHUTDOWN_TIMEOUT`), the link closes (unsettled deliveries go back to their
+    /// queues) and idle worker threads are joined.
+    pub async fn stop(mut self) -> Result<StopReport, StopError> {
+        let Some(task) = self.task.take() else { return Err(StopError::Driver("already stopped".into())) };
+        // If the driver already ended, the send fails and the join below reports it.
+        let _ = self.handle.tx.send(Input::Shutdown).await;
+        task.await.map_err(|e| StopError::Driver(e.to_string()))
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            let _ = self.handle.tx.try_send(Input::Shutdown);
+        }
+    }
+}
+
+/// Why a service did not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The config is not valid (e.g. `SERVICE_NAME` missing).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `AMQP_URI` is set, but this runtime has no AMQP link yet.
+    #[error(
+        "AMQP_URI is set, but microfw-runtime-tokio has no AMQP transport yet (unset it to use the memory hub)"
+    )]
+    AmqpUnsupported,
+    /// `WORKER_MODE = process` (in the config or for a context).
+    #[error("process worker mode is not supported yet")]
+    ProcessModeUnsupported,
+    /// [`Runner::worker_mode`] named a context that was not added.
+    #[error("worker mode set for context {index}, but there are {contexts} contexts")]
+    NoSuchContext {
+        /// The index given.
+        index: usize,
+        /// How many contexts there are.
+        contexts: usize,
+    },
+    /// A blocking handler in an `async` context (it would stall the reactor).
+    #[error(
+        "route {route:?} has a blocking handler but its context runs in async worker mode; \
+         make it an async fn (Route::new) or run the context in thread mode"
+    )]
+    BlockingHandlerInAsyncContext {
+        /// The route.
+        route: String,
+    },
+    /// The service definition is invalid.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A worker thread could not be started.
+    #[error("cannot start worker threads: {0}")]
+    Threads(String),
+}
+
+/// Why [`RunningService::stop`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StopError {
+    /// The driver task failed (panicked or was cancelled).
+    #[error("the service driver failed: {0}")]
+    Driver(String),
+}
+
+/// Why [`Runner::run`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The service did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Signal handlers could not be installed.
+    #[error("cannot listen for signals: {0}")]
+    Signal(String),
+    /// The stop failed.
+    #[error(transparent)]
+    Stop(#[from] StopError),
+}
+
+/// SIGINT and SIGTERM listeners (Ctrl-C elsewhere).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
+    }
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// A seed from OS entropy: std's per-process random hash keys, mixed with the time, the
+/// process id and a counter (two runners in one process never share a seed).
+fn entropy_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now().as_unix_nanos());
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
