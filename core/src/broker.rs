@@ -28,11 +28,11 @@
 //! `basic.get`. A TTL of zero does not hand the message to a waiting consumer first, as
 //! RabbitMQ does: it expires at the next expiry check.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
-use crate::ids::DeliveryTag;
+use crate::ids::{DeliveryTag, IdMap};
 use crate::message::Envelope;
 use crate::time::Instant;
 
@@ -180,7 +180,7 @@ pub struct MemoryBroker {
     free: Vec<QueueId>,
     consumers: HashMap<ConsumerTag, QueueId>,
     /// Every unacked delivery. Invariant: its queue and its consumer exist.
-    unacked: BTreeMap<DeliveryTag, Unacked>,
+    unacked: IdMap<DeliveryTag, Unacked>,
     /// Queues with at least one consumer, served round-robin from `cursor`.
     active: Vec<QueueId>,
     cursor: usize,
@@ -375,8 +375,10 @@ impl MemoryBroker {
     /// consumer is then deleted, dropping its messages.
     pub fn cancel(&mut self, consumer: ConsumerTag) -> Result<(), BrokerError> {
         let id = self.consumers.remove(&consumer).ok_or(BrokerError::UnknownConsumer(consumer))?;
-        let tags: Vec<DeliveryTag> =
+        let mut tags: Vec<DeliveryTag> =
             self.unacked.iter().filter(|(_, u)| u.consumer == consumer).map(|(&t, _)| t).collect();
+        // Tags grow with delivery order: sorting them restores the original order.
+        tags.sort_unstable();
         let mut returned = Vec::with_capacity(tags.len());
         for tag in tags {
             if let Some(u) = self.unacked.remove(&tag) {
@@ -435,7 +437,7 @@ impl MemoryBroker {
             return Err(BrokerError::UnknownConsumer(consumer));
         }
         let tags: Vec<DeliveryTag> =
-            self.unacked.range(..=up_to).filter(|(_, u)| u.consumer == consumer).map(|(&t, _)| t).collect();
+            self.unacked.iter().filter(|(t, u)| **t <= up_to && u.consumer == consumer).map(|(&t, _)| t).collect();
         for &tag in &tags {
             self.settle(tag)?;
         }

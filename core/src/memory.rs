@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use crate::action::{Delivery, Destination, Publish, PublishError, Source, Subscribe};
 use crate::broker::{BrokerDelivery, BrokerError, ConsumerTag, ExchangeKind, MemoryBroker, QueueOptions};
 use crate::engine::{EXCHANGE_HEADER, ROUTING_KEY_HEADER};
-use crate::ids::{DeliveryTag, LinkId, SubscriptionId};
+use crate::ids::{DeliveryTag, IdMap, LinkId, SubscriptionId};
 use crate::message::{Envelope, FieldValue};
 use crate::route::{Dialect, HandlerType};
 use crate::time::Instant;
@@ -194,6 +194,11 @@ impl MemoryLink {
         })
     }
 
+    /// The broker consumer feeding a subscription.
+    pub fn consumer(&self, id: SubscriptionId) -> Option<ConsumerTag> {
+        self.queues.get(&id).map(|(_, c)| *c)
+    }
+
     /// The queue a subscription reads.
     pub fn queue(&self, id: SubscriptionId) -> Option<&str> {
         self.queues.get(&id).map(|(q, _)| q.as_str())
@@ -250,6 +255,8 @@ fn other(e: BrokerError) -> PublishError {
 pub struct MemoryHub {
     broker: MemoryBroker,
     links: Vec<Option<MemoryLink>>,
+    /// Which link owns each consumer (index into `links`): one lookup per delivery.
+    owners: IdMap<ConsumerTag, usize>,
 }
 
 impl MemoryHub {
@@ -272,6 +279,8 @@ impl MemoryHub {
             && let Some(mut l) = slot.take()
         {
             l.close(&mut self.broker);
+            let index = link.into_raw() as usize;
+            self.owners.retain(|_, owner| *owner != index);
         }
     }
 
@@ -281,7 +290,11 @@ impl MemoryHub {
         let Some(l) = self.links.get_mut(index).and_then(Option::as_mut) else {
             return Err(BrokerError::NoSuchQueue(format!("link {link} is closed")));
         };
-        l.subscribe(&mut self.broker, subscribe)
+        l.subscribe(&mut self.broker, subscribe)?;
+        if let Some(consumer) = l.consumer(subscribe.id) {
+            self.owners.insert(consumer, index);
+        }
+        Ok(())
     }
 
     /// Carries out an [`Action::Unsubscribe`](crate::Action::Unsubscribe) for `link`.
@@ -318,7 +331,7 @@ impl MemoryHub {
     pub fn pump(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
         while let Some(d) = self.broker.next_delivery(now) {
             let tag = d.tag;
-            let owner = self.links.iter().flatten().find(|l| l.owns(d.consumer));
+            let owner = self.owners.get(&d.consumer).and_then(|&i| self.links.get(i)).and_then(Option::as_ref);
             match owner.and_then(|l| l.delivery(d)) {
                 Some(delivery) => deliver(delivery),
                 None => {
