@@ -436,8 +436,12 @@ impl MemoryBroker {
         if !self.consumers.contains_key(&consumer) {
             return Err(BrokerError::UnknownConsumer(consumer));
         }
-        let tags: Vec<DeliveryTag> =
-            self.unacked.iter().filter(|(t, u)| **t <= up_to && u.consumer == consumer).map(|(&t, _)| t).collect();
+        let tags: Vec<DeliveryTag> = self
+            .unacked
+            .iter()
+            .filter(|(t, u)| **t <= up_to && u.consumer == consumer)
+            .map(|(&t, _)| t)
+            .collect();
         for &tag in &tags {
             self.settle(tag)?;
         }

@@ -24,6 +24,7 @@ use crate::message::RemoteError;
 use crate::outcome::{HandlerError, Rejection, RejectionStage};
 use crate::params;
 use crate::route::AnyPayload;
+use crate::signature::Signature;
 use crate::time::Instant;
 use crate::worker_context::WorkerContext;
 
@@ -163,6 +164,12 @@ pub trait FromJobParts<S>: Sized {
 pub trait FromJob<S, M = private::ViaJob>: Sized {
     /// Extracts the value, or rejects the job.
     fn from_job(job: Job, state: &S) -> Result<Self, Rejection>;
+
+    /// The RPC signature this extractor binds, for target listings: `Some` for
+    /// [`Params<T>`] of a struct, `None` for everything else.
+    fn signature() -> Option<Signature> {
+        None
+    }
 }
 
 mod private {
@@ -228,6 +235,10 @@ impl<S, T: DeserializeOwned + 'static> FromJob<S> for Payload<T> {
 pub struct Params<T>(pub T);
 
 impl<S, T: DeserializeOwned> FromJob<S> for Params<T> {
+    fn signature() -> Option<Signature> {
+        Signature::of::<T>()
+    }
+
     fn from_job(job: Job, _: &S) -> Result<Self, Rejection> {
         match job.input {
             JobInput::Rpc { args, kwargs } => params::bind(args, kwargs)

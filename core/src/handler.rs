@@ -22,6 +22,7 @@ use crate::extract::{FromJob, FromJobParts, Job};
 use crate::message::RemoteError;
 use crate::outcome::{HandlerError, Outcome};
 use crate::params::SignatureError;
+use crate::signature::Signature;
 
 /// A boxed, sendable future producing an [`Outcome`].
 pub type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send + 'static>>;
@@ -34,6 +35,11 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send + 'static>>;
 pub trait Handler<T, S>: Clone + Send + Sync + Sized + 'static {
     /// Extracts the arguments and starts the handler.
     fn call(self, job: Job, state: S) -> BoxFuture;
+
+    /// The RPC signature of the handler's `Params<T>` argument, if it has one.
+    fn signature() -> Option<Signature> {
+        None
+    }
 }
 
 /// A blocking handler taking extractors `T` over state `S`.
@@ -44,6 +50,11 @@ pub trait Handler<T, S>: Clone + Send + Sync + Sized + 'static {
 pub trait BlockingHandler<T, S>: Clone + Send + Sync + Sized + 'static {
     /// Extracts the arguments and runs the handler to completion.
     fn call(self, job: Job, state: S) -> Outcome;
+
+    /// The RPC signature of the handler's `Params<T>` argument, if it has one.
+    fn signature() -> Option<Signature> {
+        None
+    }
 }
 
 /// Turns a handler's return value into an [`Outcome`].
@@ -242,6 +253,10 @@ macro_rules! impl_handlers {
                 let fut = self($($ty,)* $last);
                 Box::pin(async move { fut.await.into_outcome() })
             }
+
+            fn signature() -> Option<Signature> {
+                <$last as FromJob<S, M>>::signature()
+            }
         }
 
         #[allow(non_snake_case, unused_mut, unused_variables)]
@@ -266,6 +281,10 @@ macro_rules! impl_handlers {
                     Err(r) => return Outcome::Rejected(r),
                 };
                 self($($ty,)* $last).into_outcome()
+            }
+
+            fn signature() -> Option<Signature> {
+                <$last as FromJob<S, M>>::signature()
             }
         }
     };

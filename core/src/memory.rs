@@ -331,7 +331,8 @@ impl MemoryHub {
     pub fn pump(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
         while let Some(d) = self.broker.next_delivery(now) {
             let tag = d.tag;
-            let owner = self.owners.get(&d.consumer).and_then(|&i| self.links.get(i)).and_then(Option::as_ref);
+            let owner =
+                self.owners.get(&d.consumer).and_then(|&i| self.links.get(i)).and_then(Option::as_ref);
             match owner.and_then(|l| l.delivery(d)) {
                 Some(delivery) => deliver(delivery),
                 None => {

@@ -19,6 +19,7 @@ use crate::handler::{BlockingHandler, BoxedHandler, Handler};
 use crate::ids::RouteId;
 use crate::message::RemoteError;
 use crate::retry::RetryPolicy;
+use crate::signature::Signature;
 
 /// Which AMQP wire dialect a listener, proxy or producer speaks. The core only carries the
 /// tag; transport-amqp encodes it.
@@ -299,6 +300,8 @@ pub struct RouteSpec {
     pub metric_label: String,
     /// Doc text for target listings.
     pub doc: Option<String>,
+    /// The handler's RPC parameters (from its `Params<T>`), for target listings.
+    pub signature: Option<Signature>,
 }
 
 impl fmt::Debug for RouteSpec {
@@ -330,7 +333,7 @@ impl<S: Clone + Send + Sync + 'static> Route<S> {
         H: Handler<T, S>,
         T: 'static,
     {
-        Route::with_handler(entrypoint.into(), name.into(), BoxedHandler::from_async(handler))
+        Route::with_handler(entrypoint.into(), name.into(), BoxedHandler::from_async(handler), H::signature())
     }
 
     /// A route running a blocking handler (runtime-sync, or the `thread` / `greedy_thread`
@@ -340,10 +343,20 @@ impl<S: Clone + Send + Sync + 'static> Route<S> {
         H: BlockingHandler<T, S>,
         T: 'static,
     {
-        Route::with_handler(entrypoint.into(), name.into(), BoxedHandler::from_blocking(handler))
+        Route::with_handler(
+            entrypoint.into(),
+            name.into(),
+            BoxedHandler::from_blocking(handler),
+            H::signature(),
+        )
     }
 
-    fn with_handler(entrypoint: Entrypoint, name: String, handler: BoxedHandler<S>) -> Self {
+    fn with_handler(
+        entrypoint: Entrypoint,
+        name: String,
+        handler: BoxedHandler<S>,
+        signature: Option<Signature>,
+    ) -> Self {
         let metric_label = format!("Route__{name}");
         let on_give_up = match entrypoint {
             Entrypoint::Event(_) => Settle::DeadLetter,
@@ -359,6 +372,7 @@ impl<S: Clone + Send + Sync + 'static> Route<S> {
                 callback: None,
                 metric_label,
                 doc: None,
+                signature,
             },
             handler,
             callback: None,

@@ -68,6 +68,7 @@ impl<S: Clone + Send + Sync + 'static> Service<S> {
                         on_give_up: spec.on_give_up,
                         callback: None,
                         doc: None,
+                        signature: None,
                     };
                     (cb_spec, cb.handler)
                 });

@@ -84,7 +84,6 @@
 #![warn(missing_docs)]
 
 pub mod lane;
-mod probe;
 pub mod reply;
 pub mod request;
 pub mod targets;

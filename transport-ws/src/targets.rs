@@ -6,15 +6,14 @@
 //! null or the framework's own); microfw lists the handler's real parameter names (never the
 //! injected extractors: only the fields of its `Params<T>`) and the route's doc text.
 
-use microfw_core::params::parameter_names;
 use microfw_core::route::RouteSpec;
 use microfw_core::{Entrypoint, RemoteError, ServiceSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::probe::required_fields;
 use crate::reply::{encode_error, encode_raw_ok};
 use crate::request::RequestId;
+use microfw_core::signature::Signature;
 
 /// The command that lists every target.
 pub const LIST_TARGETS: &str = "__list_targets__";
@@ -55,7 +54,7 @@ impl TargetDetail {
     }
 
     /// The detail of a handler whose RPC parameters are `T` (its `Params<T>`): the field names
-    /// from [`parameter_names`], in declaration order, split the way Python splits a signature:
+    /// from [`microfw_core::params::parameter_names`], in declaration order, split the way Python splits a signature:
     /// fields a caller must pass go to `args`, fields it may leave out (`Option`,
     /// `#[serde(default)]`) to `kwargs`. Either kind may be passed by position or by keyword.
     ///
@@ -66,24 +65,31 @@ impl TargetDetail {
         target: impl Into<String>,
         docstring: Option<String>,
     ) -> Self {
-        let all = parameter_names::<T>().unwrap_or(&[]);
-        match required_fields::<T>(all) {
-            Some(required) => TargetDetail::new(
+        TargetDetail::with_signature(target, Signature::of::<T>().as_ref(), docstring)
+    }
+
+    fn with_signature(
+        target: impl Into<String>,
+        signature: Option<&Signature>,
+        docstring: Option<String>,
+    ) -> Self {
+        match signature {
+            Some(sig) => TargetDetail::new(
                 target,
-                all.iter().copied().filter(|f| required.contains(f)),
-                all.iter().copied().filter(|f| !required.contains(f)),
+                sig.required.iter().copied(),
+                sig.optional.iter().copied(),
                 docstring,
             ),
-            None => TargetDetail::new(target, all.iter().copied(), Vec::<String>::new(), docstring),
+            None => TargetDetail::new(target, Vec::<String>::new(), Vec::<String>::new(), docstring),
         }
     }
 
-    /// The detail of a route: target = the route's name, docstring = its doc text, `args` =
-    /// `params` (the handler's parameter names, e.g. from [`parameter_names`]; `None` lists
-    /// none). Does not check that the route is an RPC route.
-    pub fn from_route(spec: &RouteSpec, params: Option<&[&str]>) -> Self {
-        let args = params.unwrap_or(&[]);
-        TargetDetail::new(spec.name.clone(), args.iter().copied(), Vec::<String>::new(), spec.doc.clone())
+    /// The detail of a route: target = the route's name, docstring = its doc text, `args` /
+    /// `kwargs` = its handler's required / optional RPC parameters (the
+    /// [`Signature`] the route recorded from its `Params<T>`; none without one). Does not check
+    /// that the route is an RPC route.
+    pub fn from_route(spec: &RouteSpec) -> Self {
+        TargetDetail::with_signature(spec.name.clone(), spec.signature.as_ref(), spec.doc.clone())
     }
 
     /// The detail as JSON text, keys in the order `target, args, kwargs, docstring`.
@@ -112,14 +118,13 @@ impl TargetDetail {
 /// The details of every WebSocket RPC route of a service, in declaration order, from their
 /// specs: target = route name, docstring = its doc text.
 ///
-/// Lists no parameter names: a [`RouteSpec`] does not record its handler's parameters yet
-/// (build with [`TargetDetail::from_route`] when the names are known). Does not list AMQP RPC
+/// Parameter names come from each route's recorded [`Signature`]. Does not list AMQP RPC
 /// routes (micro_framework does; calling them over WebSocket fails anyway).
 pub fn ws_targets(spec: &ServiceSpec) -> Vec<TargetDetail> {
     spec.routes
         .iter()
         .filter(|(route, _)| matches!(route.entrypoint, Entrypoint::WsRpc(_)))
-        .map(|(route, _)| TargetDetail::from_route(route, None))
+        .map(|(route, _)| TargetDetail::from_route(route))
         .collect()
 }
 
@@ -408,7 +413,7 @@ mod tests {
         let route: Route =
             Route::blocking(WsRpcListener, "add", |Params(p): Params<Add>| microfw_core::Reply(p.a))
                 .doc("Adds two numbers.");
-        let d = TargetDetail::from_route(route.spec(), microfw_core::params::parameter_names::<Add>());
+        let d = TargetDetail::from_route(route.spec());
         assert_eq!(
             d,
             TargetDetail::new("add", ["a", "second"], Vec::<String>::new(), Some("Adds two numbers.".into()))
@@ -420,10 +425,15 @@ mod tests {
         let service = microfw_core::Service::new("svc")
             .context(microfw_core::RunnerContext::new(1).route(route).route(other));
         let (spec, _) = service.build().unwrap();
-        let none = Vec::<String>::new();
+        // The route recorded its Params<Add> signature: the listing has the names.
         assert_eq!(
             ws_targets(&spec),
-            vec![TargetDetail::new("add", none.clone(), none, Some("Adds two numbers.".into()))]
+            vec![TargetDetail::new(
+                "add",
+                ["a", "second"],
+                Vec::<String>::new(),
+                Some("Adds two numbers.".into())
+            )]
         );
     }
 

@@ -1,7 +1,7 @@
 //! Which parameters of a handler's `Params<T>` a caller must pass: Python's split between
 //! `args` (no default) and `kwargs` (a default), for target details.
 //!
-//! Works like [`parameter_names`](microfw_core::params::parameter_names): it runs `T`'s
+//! Works like [`parameter_names`](crate::params::parameter_names): it runs `T`'s
 //! `Deserialize` impl against a deserializer of its own. That deserializer offers the struct
 //! the fields found required so far, each with a placeholder value (zero, empty string, empty
 //! sequence, `None`, the first enum variant, ...), and records the field serde reports missing;
@@ -323,7 +323,7 @@ impl<'de> VariantAccess<'de> for FirstVariant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use microfw_core::params::parameter_names;
+    use crate::params::parameter_names;
     use serde_json::Value;
 
     fn required<T: for<'de> Deserialize<'de>>() -> Option<Vec<&'static str>> {
