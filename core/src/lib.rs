@@ -88,6 +88,7 @@ pub mod handler;
 pub mod ids;
 pub mod memory;
 pub mod message;
+pub mod metrics;
 pub mod outcome;
 pub mod params;
 mod probe;

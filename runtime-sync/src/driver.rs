@@ -20,8 +20,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use microfw_core::extract::Extensions;
+use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
     OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId,
@@ -34,7 +36,7 @@ use crate::pool::{Pool, WorkItem};
 /// What a driver's input channel carries.
 pub(crate) enum Input {
     /// A handler run ended.
-    Outcome(DispatchId, Outcome),
+    Outcome(Finished),
     /// An RPC call to make; the result goes to the sender.
     Call(OutgoingCall, SyncSender<Result<Value, CallError>>),
     /// An event to publish; the confirm goes to the sender.
@@ -48,13 +50,22 @@ pub(crate) enum Input {
 impl std::fmt::Debug for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Input::Outcome(id, _) => write!(f, "Outcome({id})"),
+            Input::Outcome(done) => write!(f, "Outcome({})", done.id),
             Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
             Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
             Input::Wake => f.write_str("Wake"),
             Input::Shutdown => f.write_str("Shutdown"),
         }
     }
+}
+
+/// A handler run that ended, as a worker reports it.
+pub(crate) struct Finished {
+    pub(crate) id: DispatchId,
+    pub(crate) route: RouteId,
+    pub(crate) outcome: Outcome,
+    /// From the dispatch to the outcome.
+    pub(crate) elapsed: Duration,
 }
 
 /// How a service's driver ended.
@@ -80,7 +91,9 @@ pub(crate) struct Driver {
     pub(crate) ops: Vec<HubOp>,
     pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
     pub(crate) inbox: Vec<Delivery>,
-    pub(crate) outcomes: Vec<(DispatchId, Outcome)>,
+    pub(crate) outcomes: Vec<Finished>,
+    /// The service's metric handles (no-ops unless a recorder was installed at start).
+    pub(crate) metrics: ServiceMetrics,
     pub(crate) hub_deadline: Option<Instant>,
     pub(crate) shutting_down: bool,
     pub(crate) stopped: Option<usize>,
@@ -140,8 +153,8 @@ impl Driver {
             if !self.outcomes.is_empty() {
                 work = true;
                 let mut outcomes = std::mem::take(&mut self.outcomes);
-                for (id, outcome) in outcomes.drain(..) {
-                    self.engine.handle_outcome(now, id, outcome);
+                for done in outcomes.drain(..) {
+                    self.finished(now, done);
                 }
                 if self.outcomes.is_empty() {
                     self.outcomes = outcomes; // keep the capacity
@@ -188,7 +201,7 @@ impl Driver {
 
     fn input(&mut self, now: Instant, input: Input) {
         match input {
-            Input::Outcome(id, outcome) => self.engine.handle_outcome(now, id, outcome),
+            Input::Outcome(done) => self.finished(now, done),
             Input::Call(call, reply) => {
                 let id = self.engine.handle_call(now, call);
                 self.calls.insert(id, reply);
@@ -231,7 +244,10 @@ impl Driver {
                         let _ = reply.try_send(result);
                     }
                 }
-                Action::Event(e) => self.log(&e),
+                Action::Event(e) => {
+                    self.metrics.on_event(&e);
+                    self.log(&e);
+                }
                 Action::Stopped { unfinished } => {
                     tracing::info!(service = self.engine.service(), unfinished, "stopped");
                     self.stopped = Some(unfinished);
@@ -243,14 +259,27 @@ impl Driver {
 
     fn dispatch(&mut self, dispatch: Dispatch) {
         let Dispatch { id, route, mut job } = dispatch;
+        self.metrics.dispatched(route);
         job.parts.extensions = self.extensions.clone();
+        let failed = |message: String| Finished {
+            id,
+            route,
+            outcome: Outcome::Panicked(message),
+            elapsed: Duration::ZERO,
+        };
         let Some(&pool) = self.route_pool.get(route.into_raw() as usize) else {
-            self.outcomes.push((id, Outcome::Panicked(format!("no handler for route {route}"))));
+            self.outcomes.push(failed(format!("no handler for route {route}")));
             return;
         };
-        if let Err(id) = self.pools[pool].submit(WorkItem { id, route, job }) {
-            self.outcomes.push((id, Outcome::Panicked("the worker pool is gone".into())));
+        let item = WorkItem { id, route, job, dispatched: std::time::Instant::now() };
+        if self.pools[pool].submit(item).is_err() {
+            self.outcomes.push(failed("the worker pool is gone".into()));
         }
+    }
+
+    fn finished(&mut self, now: Instant, done: Finished) {
+        self.metrics.finished(done.route, &done.outcome, done.elapsed);
+        self.engine.handle_outcome(now, done.id, done.outcome);
     }
 
     fn log(&self, event: &EngineEvent) {

@@ -42,19 +42,36 @@
 //! # }
 //! ```
 //!
+//! ## Metrics
+//!
+//! Every service records micro_framework's Prometheus metrics (`tasks_number`,
+//! `tasks_number_total`, `failed_tasks_total`, `task_duration_seconds`, `service_info`,
+//! `available_workers`, plus `retries_total` and `dead_letters_total`; each with a `service`
+//! label) through the `metrics` facade, see [`microfw_core::metrics`]. The handles bind to the
+//! recorder current when [`Runner::start`] runs (a thread-local one in tests). With
+//! `ENABLE_METRICS` the runtime installs `metrics-exporter-prometheus`'s recorder as the
+//! process's global recorder (once per process) and serves `GET /metrics` on
+//! `METRICS.HOST:METRICS.PORT` from a small blocking HTTP server thread (one per address,
+//! shared by the services of the process, stopped with the last of them; see
+//! [`RunningService::metrics_addr`]). Start fails if another global recorder was installed
+//! first or the address cannot be bound. The recorder being process-wide, a service started
+//! without `ENABLE_METRICS` still records into it when another service installed it first
+//! (its series then show on that server, under its own `service` label).
+//!
 //! ## What it does NOT do
 //!
 //! No async handlers (a start error naming the route) and no `async` worker mode: use
 //! `microfw-runtime-tokio` for those. No `process` worker mode (refused at start: not
 //! supported yet). No AMQP or WebSocket links yet: the only transport is the in-process memory
 //! hub (shared by every Runner of a process by default); a config with `AMQP_URI` is refused
-//! at start. No metrics, no RPC target listing. It does not read the environment or a config
+//! at start. No RPC target listing. It does not read the environment or a config
 //! file itself: build the [`Config`] (see
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in.
 #![warn(missing_docs)]
 
 mod client;
 mod driver;
+mod exporter;
 mod hub;
 mod pool;
 mod runner;

@@ -14,13 +14,15 @@ use std::thread::JoinHandle;
 use microfw_core::extract::Job;
 use microfw_core::{DispatchId, HandlerTable, Outcome, RouteId};
 
-use crate::driver::Input;
+use crate::driver::{Finished, Input};
 
 /// One run for a pool thread.
 pub(crate) struct WorkItem {
     pub(crate) id: DispatchId,
     pub(crate) route: RouteId,
     pub(crate) job: Job,
+    /// When the driver dispatched it (the start of `task_duration_seconds`).
+    pub(crate) dispatched: std::time::Instant,
 }
 
 /// `size` threads taking [`WorkItem`]s from one channel.
@@ -85,7 +87,7 @@ fn worker<S: Clone + Send + Sync + 'static>(
             let Ok(rx) = rx.lock() else { return };
             rx.recv()
         };
-        let Ok(WorkItem { id, route, job }) = item else { return };
+        let Ok(WorkItem { id, route, job, dispatched }) = item else { return };
         let outcome = match table.handler(route) {
             // call_blocking catches a panic and makes it Outcome::Panicked.
             Some(handler) => handler.call_blocking(job, table.state().clone()).unwrap_or_else(|| {
@@ -93,7 +95,8 @@ fn worker<S: Clone + Send + Sync + 'static>(
             }),
             None => Outcome::Panicked(format!("no handler for route {route}")),
         };
-        if outcomes.send(Input::Outcome(id, outcome)).is_err() {
+        let done = Finished { id, route, outcome, elapsed: dispatched.elapsed() };
+        if outcomes.send(Input::Outcome(done)).is_err() {
             return; // the driver is gone
         }
     }

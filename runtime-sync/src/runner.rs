@@ -3,16 +3,19 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
 
 use microfw_core::config::{Config, ConfigError, WorkerMode};
 use microfw_core::extract::Extensions;
+use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{BuildError, Engine, RouteId, RunnerContext, Service, ShutdownMode};
 
 use crate::client::{Producer, RpcProxy, ServiceHandle};
 use crate::driver::{self, Driver, Input, StopReport};
+use crate::exporter::MetricsLease;
 use crate::hub::{MemoryHubHandle, now};
 use crate::pool::Pool;
 
@@ -125,6 +128,20 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             }
         }
 
+        // The recorder first: the service's metric handles bind to the recorder current when
+        // they are registered.
+        let metrics_lease = if config.enable_metrics {
+            let handle = crate::exporter::install().map_err(StartError::Metrics)?;
+            let (host, port) = (&config.metrics.host, config.metrics.port);
+            let lease = MetricsLease::acquire(host, port, &handle)
+                .map_err(|e| StartError::Metrics(format!("cannot serve /metrics on {host}:{port}: {e}")))?;
+            Some(lease)
+        } else {
+            None
+        };
+        let mut metrics = ServiceMetrics::new(&spec, &ctx_modes);
+        metrics.started();
+
         let table = Arc::new(table);
         let (tx, rx) = driver::channel(INPUT_CAPACITY);
         let mut pools = Vec::with_capacity(spec.contexts.len());
@@ -161,6 +178,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             confirms: Vec::new(),
             inbox: Vec::new(),
             outcomes: Vec::new(),
+            metrics,
             hub_deadline: None,
             shutting_down: false,
             stopped: None,
@@ -177,7 +195,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             }
         };
         tracing::info!(service = %spec.name, "started");
-        Ok(RunningService { name: spec.name, handle, thread: Some(thread) })
+        Ok(RunningService { name: spec.name, handle, thread: Some(thread), metrics: metrics_lease })
     }
 
     /// Starts the service and blocks until SIGINT or SIGTERM, then stops it gracefully.
@@ -211,12 +229,22 @@ pub struct RunningService {
     name: Arc<str>,
     handle: ServiceHandle,
     thread: Option<JoinHandle<StopReport>>,
+    /// This service's use of the `/metrics` server (`ENABLE_METRICS`); released on drop.
+    metrics: Option<MetricsLease>,
 }
 
 impl RunningService {
     /// The service name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where `/metrics` is served (the bound address, so a configured port 0 shows the port
+    /// picked), or `None` without `ENABLE_METRICS`. The server is shared by every service of
+    /// the process configured with the same `METRICS.HOST` and `METRICS.PORT`, and stops when
+    /// the last of them stops.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsLease::addr)
     }
 
     /// A producer dispatching events as this service, with no worker context.
@@ -295,6 +323,10 @@ pub enum StartError {
     /// The service definition is invalid.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// `ENABLE_METRICS` is set but the metrics could not be served: the address cannot be
+    /// bound, or another global `metrics` recorder was installed first.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// A worker or driver thread could not be started.
     #[error("cannot start threads: {0}")]
     Threads(String),
