@@ -24,6 +24,7 @@ use crate::route::{
     ContextSpec, Dialect, Entrypoint, PayloadFilter, RouteSpec, Settle, ShutdownMode, pipeline_error,
 };
 use crate::service::ServiceSpec;
+use crate::targets;
 use crate::time::Instant;
 use crate::worker_context::WorkerContext;
 
@@ -923,6 +924,21 @@ impl Engine {
                 return;
             }
         };
+        let lists_targets = dialect == Dialect::MicroFramework || transport == Transport::WebSocket;
+        if lists_targets && targets::is_internal(&request.method) {
+            let mut routes: Vec<RouteId> = methods.values().copied().collect();
+            routes.sort_unstable();
+            let specs = routes.iter().map(|r| &self.routes[r.0 as usize].spec);
+            let answer = targets::answer(&request.method, &request.args, &request.kwargs, specs);
+            match reply {
+                Some(reply) => self.send_reply(transport, &reply, answer, AfterPublish::Ack(delivery)),
+                None => {
+                    self.actions.push_back(Action::Ack(delivery));
+                    self.event(EngineEvent::NoReplyTo { method: request.method });
+                }
+            }
+            return;
+        }
         let Some(route) = methods.get(request.method.as_str()).copied() else {
             self.event(EngineEvent::MethodNotFound { method: request.method.clone() });
             let error = RemoteError::method_not_found(&request.method);

@@ -97,6 +97,7 @@ pub mod rng;
 pub mod route;
 pub mod service;
 pub mod signature;
+pub mod targets;
 pub mod testing;
 pub mod time;
 pub mod topic;

@@ -245,6 +245,13 @@ impl Simulator {
         id
     }
 
+    /// Starts any outgoing call (dialect, transport, context of your choosing), then settles.
+    pub fn call_raw(&mut self, node: NodeId, call: OutgoingCall) -> CallId {
+        let id = self.nodes[node.0].engine.handle_call(self.now, call);
+        self.settle();
+        id
+    }
+
     /// How a call ended, once it has.
     pub fn call_result(&self, node: NodeId, call: CallId) -> Option<&Result<Value, CallError>> {
         self.nodes[node.0].results.get(&call)

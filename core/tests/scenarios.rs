@@ -554,3 +554,70 @@ fn a_typed_filter_that_cannot_decode_rejects_the_message() {
         "{records:?}"
     );
 }
+
+fn micro_framework_call(method: &str, args: Value) -> microfw_core::OutgoingCall {
+    microfw_core::OutgoingCall {
+        context: None,
+        service: "math".into(),
+        method: method.into(),
+        args: match args {
+            Value::Array(a) => a,
+            _ => vec![],
+        },
+        kwargs: Default::default(),
+        timeout: None,
+        transport: microfw_core::Transport::Broker,
+        dialect: microfw_core::Dialect::MicroFramework,
+    }
+}
+
+#[test]
+fn micro_framework_target_listings_are_answered_from_the_routes() {
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Scale {
+        value: f64,
+        factor: Option<f64>,
+    }
+    let mf = RpcListener::new().dialect(microfw_core::Dialect::MicroFramework);
+    let server = Service::new("math").context(
+        RunnerContext::new(1)
+            .route(
+                Route::blocking(mf, "scale", |Params(s): Params<Scale>| {
+                    Reply(s.value * s.factor.unwrap_or(1.0))
+                })
+                .doc("Scales a value."),
+            )
+            .route(Route::blocking(mf, "pair", |Params((a, b)): Params<(i64, i64)>| Reply(a + b))),
+    );
+    let mut sim = Simulator::new();
+    sim.add_service(server).unwrap();
+    let client = sim.add_service(Service::new("client")).unwrap();
+    let list = sim.call_raw(client, micro_framework_call("__list_targets__", json!([])));
+    let one = sim.call_raw(client, micro_framework_call("__get_target__", json!(["scale"])));
+    let unknown = sim.call_raw(client, micro_framework_call("__get_target__", json!(["nope"])));
+    let missing = sim.call_raw(client, micro_framework_call("__get_target__", json!([])));
+    let scaled = sim.call_raw(client, micro_framework_call("scale", json!([2.0, 3.0])));
+    assert_eq!(sim.run_all(), 1, "listings take no worker: only the real call ran");
+    let scale =
+        json!({"target": "scale", "args": ["value"], "kwargs": ["factor"], "docstring": "Scales a value."});
+    let pair = json!({"target": "pair", "args": [], "kwargs": [], "docstring": null});
+    assert_eq!(sim.call_result(client, list), Some(&Ok(json!([scale, pair]))));
+    assert_eq!(sim.call_result(client, one), Some(&Ok(scale)));
+    let error = |c| match sim.call_result(client, c) {
+        Some(Err(CallError::Remote(e))) => (e.exc_type.clone(), e.message.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(error(unknown), ("KeyError".to_owned(), "'nope'".to_owned()));
+    assert_eq!(error(missing).0, "TypeError");
+    assert_eq!(sim.call_result(client, scaled), Some(&Ok(json!(6.0))));
+}
+
+#[test]
+fn nameko_has_no_internal_commands() {
+    let (mut sim, _, client) = rpc_pair();
+    let call = sim.call(client, "math", "__list_targets__", json!([]), json!({}));
+    assert!(
+        matches!(sim.call_result(client, call), Some(Err(CallError::Remote(e))) if e.exc_type == "MethodNotFound")
+    );
+}
