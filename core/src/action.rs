@@ -63,6 +63,8 @@ pub enum Source {
         service: String,
         /// The dialect served.
         dialect: Dialect,
+        /// The methods served, in route order (micro_framework declares a queue per target).
+        methods: Vec<String>,
     },
     /// WebSocket RPC requests for this service.
     WsRpc {

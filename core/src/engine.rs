@@ -744,7 +744,7 @@ impl Engine {
                 entry.transport = Some(Transport::Broker);
                 entry.retain_body = retries || dead_letters;
                 let dialect = listener.dialect;
-                let source = Source::Rpc { service: self.service.to_string(), dialect };
+                let source = Source::Rpc { service: self.service.to_string(), dialect, methods: Vec::new() };
                 entry.sub = Some(self.rpc_subscription(
                     Transport::Broker,
                     source,
@@ -793,7 +793,12 @@ impl Engine {
         context: ContextId,
     ) -> SubscriptionId {
         let prefetch = self.contexts.get(context.0 as usize).map_or(1, |c| c.spec.prefetch);
-        let existing = self.subs.iter().position(|s| s.transport == transport && s.source == source);
+        let same_kind = |a: &Source, b: &Source| match (a, b) {
+            (Source::Rpc { dialect: x, .. }, Source::Rpc { dialect: y, .. }) => x == y,
+            (a, b) => a == b,
+        };
+        let existing =
+            self.subs.iter().position(|s| s.transport == transport && same_kind(&s.source, &source));
         let index = existing.unwrap_or_else(|| {
             self.subs.push(SubEntry {
                 kind: SubKind::Rpc { methods: HashMap::new(), dialect },
@@ -804,6 +809,9 @@ impl Engine {
             self.subs.len() - 1
         });
         let sub = &mut self.subs[index];
+        if let Source::Rpc { methods, .. } = &mut sub.source {
+            methods.push(method.to_owned());
+        }
         if let SubKind::Rpc { methods, .. } = &mut sub.kind {
             let context_seen =
                 methods.values().any(|r| self.routes.get(r.0 as usize).map(|e| e.context) == Some(context));

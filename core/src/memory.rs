@@ -62,7 +62,7 @@ impl MemoryLink {
                 broker.bind(&queue, &exchange, event_type)?;
                 queue
             }
-            Source::Rpc { service, dialect } => {
+            Source::Rpc { service, dialect, .. } => {
                 let exchange = rpc_exchange(*dialect);
                 broker.declare_exchange(exchange, ExchangeKind::Topic)?;
                 let queue = match dialect {

@@ -32,7 +32,7 @@ pub const MISSING_ARGS_OR_KWARGS: &str = "Message missing `args` or `kwargs`";
 pub fn decode(source: &Source, message: IncomingMessage) -> Envelope {
     match source {
         Source::Event { .. } => decode_event(message),
-        Source::Rpc { service, dialect } => decode_request(*dialect, service, message),
+        Source::Rpc { service, dialect, .. } => decode_request(*dialect, service, message),
         Source::WsRpc { service } => decode_request(Dialect::MicroFramework, service, message),
         Source::Replies { .. } => decode_reply(message),
     }
@@ -441,7 +441,7 @@ mod tests {
             decode(&replies, msg("r", JSON, br#"{"result": 1, "error": null}"#)).body,
             Body::Reply(_)
         ));
-        let rpc = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko };
+        let rpc = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko, methods: vec![] };
         assert!(matches!(decode(&rpc, msg("svc.m", JSON, EMPTY)).body, Body::Request(_)));
     }
 }

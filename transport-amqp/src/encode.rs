@@ -410,14 +410,14 @@ mod tests {
             publish_topology(&publish(retry, request()), &s, none),
             Err(EncodeError::UnknownSubscription(sub))
         );
-        let mf = Source::Rpc { service: "svc".into(), dialect: Dialect::MicroFramework };
+        let mf = Source::Rpc { service: "svc".into(), dialect: Dialect::MicroFramework, methods: vec![] };
         let mut foreign = publish(Destination::DeadLetter { subscription: sub }, request());
         foreign.envelope.routing_key = "other.m".into();
         assert_eq!(
             encode(&foreign, &s, |_| Some(&mf)),
             Err(EncodeError::NoQueue { subscription: sub, routing_key: "other.m".into() })
         );
-        let nameko = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko };
+        let nameko = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko, methods: vec![] };
         let reply_body = Body::Reply(RpcReply { result: Ok(json!(1)) });
         assert_eq!(
             encode(&publish(Destination::DeadLetter { subscription: sub }, reply_body), &s, |_| Some(

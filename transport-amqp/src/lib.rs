@@ -27,7 +27,7 @@
 //! use serde_json::json;
 //!
 //! let settings = AmqpSettings::new("echo");
-//! let source = Source::Rpc { service: "echo".into(), dialect: Dialect::Nameko };
+//! let source = Source::Rpc { service: "echo".into(), dialect: Dialect::Nameko, methods: vec![] };
 //! assert_eq!(microfw_transport_amqp::topology(&source, &settings).consume, ["rpc-echo"]);
 //!
 //! // A Nameko caller's request, as a consumer receives it.
@@ -84,9 +84,8 @@
 //! * The micro_framework dialect has only service-pool event handlers; singleton and broadcast
 //!   queues there are named `<src>.<event>` and `<src>.<event>__<svc>.<route>-<id>` (only
 //!   microfw instances share them).
-//! * micro_framework RPC needs one queue per target, but
-//!   [`Source::Rpc`](microfw_core::Source::Rpc) does not list the methods: they come from
-//!   [`AmqpSettings::micro_framework_targets`].
+//! * micro_framework RPC needs one queue per target:
+//!   [`Source::Rpc`](microfw_core::Source::Rpc) lists the methods it serves.
 //! * Retries and dead letters are published `mandatory` and without `expiration`.
 //!
 //! ## What it does NOT do

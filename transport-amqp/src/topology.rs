@@ -32,9 +32,6 @@ pub struct AmqpSettings {
     /// `AUTO_DELETE_EVENT_EXCHANGES`: the `auto_delete` flag of Nameko-dialect event
     /// exchanges. micro_framework-dialect event exchanges are always auto-delete.
     pub auto_delete_event_exchanges: bool,
-    /// The RPC targets this service serves in the micro_framework dialect: one queue
-    /// `rpc-<service>-<target>` each. [`Source::Rpc`] does not list them (see the crate doc).
-    pub micro_framework_targets: Vec<String>,
     /// Also bind the reply queue on `ufw-rpc`, so micro_framework servers' replies reach it.
     /// Default true; turn off in a Nameko-only estate to avoid declaring `ufw-rpc`.
     pub micro_framework_replies: bool,
@@ -46,14 +43,13 @@ pub struct AmqpSettings {
 
 impl AmqpSettings {
     /// Settings for `service` with every default: `nameko-rpc`, event exchanges not
-    /// auto-delete, no micro_framework targets, replies bound on both RPC exchanges,
+    /// auto-delete, replies bound on both RPC exchanges,
     /// exclusive broadcast queues.
     pub fn new(service: impl Into<String>) -> Self {
         AmqpSettings {
             service: service.into(),
             rpc_exchange: NAMEKO_RPC_EXCHANGE.to_owned(),
             auto_delete_event_exchanges: false,
-            micro_framework_targets: Vec::new(),
             micro_framework_replies: true,
             reliable_broadcast: false,
         }
@@ -155,14 +151,14 @@ pub fn topology(source: &Source, settings: &AmqpSettings) -> Topology {
             t.queues.push(plain_queue(&queue, exclusive, auto_delete));
             t.consume.push(queue);
         }
-        Source::Rpc { service, dialect } => {
+        Source::Rpc { service, dialect, methods } => {
             let exchange = rpc_exchange(*dialect, settings);
             match dialect {
                 Dialect::Nameko => {
                     t.add_consumed(&exchange.name, &format!("rpc-{service}"), &format!("{service}.*"))
                 }
                 Dialect::MicroFramework => {
-                    for target in &settings.micro_framework_targets {
+                    for target in methods {
                         let queue = micro_framework_target_queue(service, target);
                         t.add_consumed(&exchange.name, &queue, &format!("{service}.{target}"));
                     }
@@ -216,7 +212,7 @@ pub fn queue_name(source: &Source, settings: &AmqpSettings) -> Option<String> {
                 }
             })
         }
-        Source::Rpc { service, dialect: Dialect::Nameko } => Some(format!("rpc-{service}")),
+        Source::Rpc { service, dialect: Dialect::Nameko, .. } => Some(format!("rpc-{service}")),
         Source::Rpc { dialect: Dialect::MicroFramework, .. } | Source::WsRpc { .. } => None,
         Source::Replies { reply_to } => Some(reply_queue_name(&settings.service, reply_to)),
     }
@@ -229,7 +225,7 @@ pub fn queue_name(source: &Source, settings: &AmqpSettings) -> Option<String> {
 /// `None` when the routing key does not belong to the service, or for WebSocket RPC.
 pub fn route_queue(source: &Source, routing_key: &str, settings: &AmqpSettings) -> Option<String> {
     match source {
-        Source::Rpc { service, dialect: Dialect::MicroFramework } => {
+        Source::Rpc { service, dialect: Dialect::MicroFramework, .. } => {
             let target = routing_key.strip_prefix(service.as_str())?.strip_prefix('.')?;
             if target.is_empty() {
                 return None;
@@ -443,7 +439,7 @@ mod tests {
     fn nameko_rpc_is_one_shared_queue_on_the_configured_exchange() {
         let mut s = settings();
         s.rpc_exchange = "my-rpc".into();
-        let source = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko };
+        let source = Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko, methods: vec![] };
         let t = topology(&source, &s);
         assert_eq!(
             t.exchanges,
@@ -464,9 +460,12 @@ mod tests {
 
     #[test]
     fn micro_framework_rpc_has_a_queue_per_target_and_the_broadcast_queue() {
-        let mut s = settings();
-        s.micro_framework_targets = vec!["rpc_add".into(), "RpcClass.method".into()];
-        let source = Source::Rpc { service: "svc_a".into(), dialect: Dialect::MicroFramework };
+        let s = settings();
+        let source = Source::Rpc {
+            service: "svc_a".into(),
+            dialect: Dialect::MicroFramework,
+            methods: vec!["rpc_add".into(), "RpcClass.method".into()],
+        };
         let t = topology(&source, &s);
         assert_eq!(t.exchanges.len(), 1);
         assert_eq!((t.exchanges[0].name.as_str(), t.exchanges[0].auto_delete), ("ufw-rpc", false));

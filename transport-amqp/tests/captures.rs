@@ -308,7 +308,10 @@ fn nameko_event_captures_decode_raw_and_encode_identically() {
 fn nameko_topology_matches_the_rabbitmqctl_capture() {
     // Service nameko_peer's own view, as a microfw service of the same name would declare it.
     let settings = AmqpSettings::new("nameko_peer");
-    let rpc = topology(&Source::Rpc { service: "nameko_peer".into(), dialect: Dialect::Nameko }, &settings);
+    let rpc = topology(
+        &Source::Rpc { service: "nameko_peer".into(), dialect: Dialect::Nameko, methods: vec![] },
+        &settings,
+    );
     let handler = Source::Event {
         source_service: "rust_peer".into(),
         event_type: "ping".into(),
@@ -544,11 +547,11 @@ fn no_sources(_: microfw_core::SubscriptionId) -> Option<&'static Source> {
 }
 
 fn nameko_rpc_source() -> Source {
-    Source::Rpc { service: "nameko_peer".into(), dialect: Dialect::Nameko }
+    Source::Rpc { service: "nameko_peer".into(), dialect: Dialect::Nameko, methods: vec![] }
 }
 
 fn mf_rpc_source() -> Source {
-    Source::Rpc { service: "svc_a".into(), dialect: Dialect::MicroFramework }
+    Source::Rpc { service: "svc_a".into(), dialect: Dialect::MicroFramework, methods: vec![] }
 }
 
 fn replies() -> Source {

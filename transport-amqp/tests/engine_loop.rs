@@ -229,8 +229,7 @@ fn micro_framework_request_retry_goes_back_to_its_target_queue_in_its_dialect() 
                 .retry(RetryPolicy::fixed(1, Duration::from_millis(100))),
         ),
     );
-    let mut settings = AmqpSettings::new("svc");
-    settings.micro_framework_targets = vec!["add".into()];
+    let settings = AmqpSettings::new("svc");
     let mut hx = Harness::new(service, settings);
     hx.actions();
     let rpc = hx.subscription(|s| matches!(s, Source::Rpc { .. }));
@@ -320,8 +319,7 @@ fn call_round_trip(dialect: Dialect) {
         "m",
         h,
     )));
-    let mut server_settings = AmqpSettings::new("other");
-    server_settings.micro_framework_targets = vec!["m".into()];
+    let server_settings = AmqpSettings::new("other");
     let mut server = Harness::new(server, server_settings);
     server.actions();
     let mut client = Harness::new(Service::new("client"), AmqpSettings::new("client"));

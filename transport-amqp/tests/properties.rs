@@ -24,8 +24,8 @@ fn sources() -> Vec<Source> {
     vec![
         event(Dialect::Nameko),
         event(Dialect::MicroFramework),
-        Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko },
-        Source::Rpc { service: "svc".into(), dialect: Dialect::MicroFramework },
+        Source::Rpc { service: "svc".into(), dialect: Dialect::Nameko, methods: vec![] },
+        Source::Rpc { service: "svc".into(), dialect: Dialect::MicroFramework, methods: vec![] },
         Source::WsRpc { service: "svc".into() },
         Source::Replies { reply_to: "r".into() },
     ]
@@ -181,7 +181,7 @@ proptest! {
         let dialect = if nameko { Dialect::Nameko } else { Dialect::MicroFramework };
         let kwargs: Map<String, Value> = kwargs.into_iter().collect();
         let out = encode(&request_publish(dialect, &method, args.clone(), kwargs.clone()), &AmqpSettings::new("c"), |_| None).unwrap();
-        let env = decode(&Source::Rpc { service: "svc".into(), dialect }, delivered(out));
+        let env = decode(&Source::Rpc { service: "svc".into(), dialect, methods: vec![] }, delivered(out));
         prop_assert_eq!(env.body, Body::Request(RpcRequest { method, args, kwargs }));
         prop_assert_eq!(env.properties.expiration_ms, Some(1000));
         prop_assert_eq!(env.properties.correlation_id.as_deref(), Some("c"));
