@@ -81,6 +81,7 @@
 
 pub mod action;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod extract;
