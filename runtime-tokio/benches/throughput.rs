@@ -3,7 +3,9 @@
 //!
 //! Environment: `BENCH_N` scales the counts (default 1 = 200,000 events, 50,000 calls);
 //! `BENCH_RT=current` uses a current-thread runtime instead of the default multi-thread one
-//! with 2 workers; `BENCH_ONLY=rpc|events|thread` runs one scenario once (for profiling).
+//! with 2 workers; `BENCH_ONLY=rpc|events|thread` runs one scenario once (for profiling);
+//! `BENCH_METRICS=1` enables metrics (Prometheus recorder installed, `/metrics` served on a
+//! free port; without it the metric handles are no-ops).
 //!
 //! Settings: one memory hub per measurement; no persistence, confirms are immediate (memory
 //! hub); every scenario runs in a spawned task. Variants run interleaved (A B C D A B C D
@@ -61,7 +63,14 @@ async fn echo(Params((x,)): Params<(u64,)>) -> Reply<u64> {
 }
 
 fn config(name: &str, mode: WorkerMode) -> Config {
-    Config { service_name: Some(name.into()), worker_mode: mode, ..Config::default() }
+    let mut config = Config { service_name: Some(name.into()), worker_mode: mode, ..Config::default() };
+    if std::env::var("BENCH_METRICS").is_ok_and(|v| v == "1") {
+        // The Prometheus recorder installed and /metrics served (never scraped here).
+        config.enable_metrics = true;
+        config.metrics.host = "127.0.0.1".into();
+        config.metrics.port = 0;
+    }
+    config
 }
 
 fn preload(hub: &MemoryHubHandle, n: u64) {

@@ -11,13 +11,15 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use microfw_core::extract::{Extensions, Job};
 use microfw_core::handler::{BoxedHandler, panic_message};
+use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
-    OutgoingCall, OutgoingEvent, PublishError, PublishId,
+    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -29,7 +31,7 @@ use crate::pool::{Pool, WorkItem};
 /// What the driver's input channel carries.
 pub(crate) enum Input {
     /// A handler run ended.
-    Outcome(DispatchId, Outcome),
+    Outcome(Finished),
     /// An RPC call to make; the reply goes to the sender.
     Call(OutgoingCall, oneshot::Sender<Result<Value, CallError>>),
     /// An event to publish; the confirm goes to the sender.
@@ -43,12 +45,28 @@ pub(crate) enum Input {
 impl std::fmt::Debug for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Input::Outcome(id, _) => write!(f, "Outcome({id})"),
+            Input::Outcome(done) => write!(f, "Outcome({})", done.id),
             Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
             Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
             Input::Shutdown => f.write_str("Shutdown"),
             Input::Wake => f.write_str("Wake"),
         }
+    }
+}
+
+/// A handler run that ended, as reported to the driver.
+pub(crate) struct Finished {
+    pub(crate) id: DispatchId,
+    pub(crate) route: RouteId,
+    pub(crate) outcome: Outcome,
+    /// From the hand-off to the handler (pool queue or first poll) to its end.
+    pub(crate) elapsed: Duration,
+}
+
+impl Finished {
+    /// A run that never reached its handler.
+    fn failed(id: DispatchId, route: RouteId, message: String) -> Self {
+        Finished { id, route, outcome: Outcome::Panicked(message), elapsed: Duration::ZERO }
     }
 }
 
@@ -85,7 +103,9 @@ pub(crate) struct Driver<S> {
     pub(crate) ops: Vec<HubOp>,
     pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
     pub(crate) inbox: Vec<Delivery>,
-    pub(crate) outcomes: Vec<(DispatchId, Outcome)>,
+    pub(crate) outcomes: Vec<Finished>,
+    /// The service's metric handles (no-ops unless a recorder was current at start).
+    pub(crate) metrics: ServiceMetrics,
     pub(crate) hub_deadline: Option<Instant>,
     pub(crate) force_exchange: bool,
     pub(crate) shutting_down: bool,
@@ -203,8 +223,8 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
             if !self.outcomes.is_empty() {
                 work = true;
                 let mut outcomes = std::mem::take(&mut self.outcomes);
-                for (id, outcome) in outcomes.drain(..) {
-                    self.engine.handle_outcome(now, id, outcome);
+                for done in outcomes.drain(..) {
+                    self.finished(now, done);
                 }
                 if self.outcomes.is_empty() {
                     self.outcomes = outcomes; // keep the capacity
@@ -237,11 +257,11 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 
     fn input(&mut self, now: Instant, input: Input) {
         match input {
-            Input::Outcome(id, outcome) => {
+            Input::Outcome(done) => {
                 if !self.tasks.is_empty() {
-                    self.tasks.remove(&id);
+                    self.tasks.remove(&done.id);
                 }
-                self.engine.handle_outcome(now, id, outcome);
+                self.finished(now, done);
             }
             Input::Call(call, reply) => {
                 let id = self.engine.handle_call(now, call);
@@ -284,7 +304,10 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
                         let _ = reply.send(result);
                     }
                 }
-                Action::Event(e) => self.log(&e),
+                Action::Event(e) => {
+                    self.metrics.on_event(&e);
+                    self.log(&e);
+                }
                 Action::Stopped { unfinished } => {
                     tracing::info!(service = self.engine.service(), unfinished, "stopped");
                     self.stopped = Some(unfinished);
@@ -296,23 +319,26 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 
     fn dispatch(&mut self, dispatch: Dispatch) {
         let Dispatch { id, route, mut job } = dispatch;
+        self.metrics.dispatched(route);
         job.parts.extensions = self.extensions.clone();
         let Some(exec) = self.routes.get(route.into_raw() as usize) else {
-            self.outcomes.push((id, Outcome::Panicked(format!("no handler for route {route}"))));
+            self.outcomes.push(Finished::failed(id, route, format!("no handler for route {route}")));
             return;
         };
         match exec.pool {
             Some(pool) => {
-                let item = WorkItem { id, handler: exec.handler.clone(), job, state: self.state.clone() };
+                let handler = exec.handler.clone();
+                let state = self.state.clone();
+                let item = WorkItem { id, route, handler, job, state, handed: std::time::Instant::now() };
                 if let Err(id) = self.pools[pool].submit(item) {
-                    self.outcomes.push((id, Outcome::Panicked("the worker pool is gone".into())));
+                    self.outcomes.push(Finished::failed(id, route, "the worker pool is gone".into()));
                 }
             }
             None => {
                 let handler = &exec.handler;
                 let state = self.state.clone();
-                match run_async(handler, id, job, state, &self.tx) {
-                    Ok(outcome) => self.outcomes.push((id, outcome)),
+                match run_async(handler, id, route, job, state, &self.tx) {
+                    Ok(done) => self.outcomes.push(done),
                     Err(task) => {
                         self.tasks.insert(id, task);
                     }
@@ -321,10 +347,15 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         }
     }
 
+    /// A run ended: its metrics, then the Engine.
+    fn finished(&mut self, now: Instant, done: Finished) {
+        self.metrics.finished(done.route, &done.outcome, done.elapsed);
+        self.engine.handle_outcome(now, done.id, done.outcome);
+    }
+
     fn log(&self, event: &EngineEvent) {
         let service = self.engine.service();
-        let name =
-            |r: microfw_core::RouteId| self.engine.route(r).map_or("?", |r| r.name.as_str()).to_owned();
+        let name = |r: RouteId| self.engine.route(r).map_or("?", |r| r.name.as_str()).to_owned();
         match event {
             EngineEvent::Retrying { route, attempt, delay, error } => {
                 tracing::info!(service, route = name(*route), attempt, ?delay, error = %error.error, "retrying");
@@ -381,23 +412,26 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 /// Starts an async handler. It is polled once right here: a handler that finishes without
 /// waiting (the common case for a quick handler) costs no task. Otherwise it continues as a
 /// tokio task that sends its outcome to the driver. `Ok`: it already finished; `Err`: the
-/// task's abort handle.
+/// task's abort handle. The run's duration counts from just before the handler is called.
 fn run_async<S: 'static>(
     handler: &BoxedHandler<S>,
     id: DispatchId,
+    route: RouteId,
     job: Job,
     state: S,
     tx: &mpsc::Sender<Input>,
-) -> Result<Outcome, AbortHandle> {
+) -> Result<Finished, AbortHandle> {
+    let start = std::time::Instant::now();
+    let done = |outcome| Finished { id, route, outcome, elapsed: start.elapsed() };
     let mut fut = match catch_unwind(AssertUnwindSafe(|| handler.call_async(job, state))) {
         Ok(Some(fut)) => fut,
-        Ok(None) => return Ok(Outcome::Panicked("a blocking handler cannot run as a task".into())),
-        Err(p) => return Ok(Outcome::Panicked(panic_message(&*p))),
+        Ok(None) => return Ok(done(Outcome::Panicked("a blocking handler cannot run as a task".into()))),
+        Err(p) => return Ok(done(Outcome::Panicked(panic_message(&*p)))),
     };
     let mut cx = Context::from_waker(Waker::noop());
     match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
-        Ok(Poll::Ready(outcome)) => Ok(outcome),
-        Err(p) => Ok(Outcome::Panicked(panic_message(&*p))),
+        Ok(Poll::Ready(outcome)) => Ok(done(outcome)),
+        Err(p) => Ok(done(Outcome::Panicked(panic_message(&*p)))),
         Ok(Poll::Pending) => {
             let tx = tx.clone();
             let task = tokio::spawn(async move {
@@ -405,7 +439,8 @@ fn run_async<S: 'static>(
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|p| Outcome::Panicked(panic_message(&*p)));
-                let _ = tx.send(Input::Outcome(id, outcome)).await;
+                let done = Finished { id, route, outcome, elapsed: start.elapsed() };
+                let _ = tx.send(Input::Outcome(done)).await;
             });
             Err(task.abort_handle())
         }

@@ -54,11 +54,26 @@
 //! # }
 //! ```
 //!
+//! ## Metrics
+//!
+//! Every service records micro_framework's Prometheus metrics (`tasks_number`,
+//! `tasks_number_total`, `failed_tasks_total`, `task_duration_seconds`, `service_info`,
+//! `available_workers`, plus `retries_total` and `dead_letters_total`, each with a `service`
+//! label) through the `metrics` facade, see [`microfw_core::metrics`]. The handles bind to the
+//! recorder current on the thread calling [`Runner::start`] (none: they do nothing). A run's
+//! duration is measured from its hand-off (to the pool, or to its first poll) to its end. With
+//! `ENABLE_METRICS` the runtime installs `metrics-exporter-prometheus`'s recorder as the
+//! process's global recorder (once per process) and serves `GET /metrics` on
+//! `METRICS.HOST:METRICS.PORT` from a small tokio HTTP server (one per address, shared by the
+//! services of the process; the bound address is [`RunningService::metrics_addr`]). Start
+//! fails if another global recorder was installed first. A service started without
+//! `ENABLE_METRICS` still records into the global recorder if one is installed.
+//!
 //! ## What it does NOT do
 //!
 //! No AMQP or WebSocket links yet: the only transport is the in-process memory hub (shared by
 //! every Runner of a process by default); a config with `AMQP_URI` is refused at start. No
-//! `process` worker mode (refused at start), no metrics, no RPC target listing. It does not
+//! `process` worker mode (refused at start), no RPC target listing. It does not
 //! read the environment or a config file: build the [`Config`] (for example with
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in. It decides
 //! nothing the Engine decides (retries, acks, deadlines): it carries out actions and reports
@@ -67,6 +82,7 @@
 
 mod client;
 mod driver;
+mod exporter;
 mod hub;
 mod pool;
 mod runner;

@@ -10,17 +10,20 @@ use std::thread::JoinHandle;
 use futures_util::FutureExt;
 use microfw_core::extract::Job;
 use microfw_core::handler::{BoxedHandler, panic_message};
-use microfw_core::{DispatchId, Outcome};
+use microfw_core::{DispatchId, Outcome, RouteId};
 use tokio::sync::mpsc::Sender;
 
-use crate::driver::Input;
+use crate::driver::{Finished, Input};
 
 /// One run for a pool thread.
 pub(crate) struct WorkItem<S> {
     pub(crate) id: DispatchId,
+    pub(crate) route: RouteId,
     pub(crate) handler: BoxedHandler<S>,
     pub(crate) job: Job,
     pub(crate) state: S,
+    /// When the driver handed it to the pool: the run's duration counts from here.
+    pub(crate) handed: std::time::Instant,
 }
 
 /// `max_workers` threads taking [`WorkItem`]s from one channel and sending each outcome to
@@ -100,9 +103,10 @@ fn worker<S: 'static>(rx: &Mutex<mpsc::Receiver<WorkItem<S>>>, outcomes: &Sender
             rx.recv()
         };
         let Ok(item) = item else { return };
-        let id = item.id;
+        let (id, route, handed) = (item.id, item.route, item.handed);
         let outcome = run_item(item, &mut rt);
-        if outcomes.blocking_send(Input::Outcome(id, outcome)).is_err() {
+        let done = Finished { id, route, outcome, elapsed: handed.elapsed() };
+        if outcomes.blocking_send(Input::Outcome(done)).is_err() {
             return; // the driver is gone
         }
     }

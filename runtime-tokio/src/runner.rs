@@ -2,16 +2,19 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use microfw_core::config::{Config, ConfigError, WorkerMode};
 use microfw_core::extract::Extensions;
+use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{BuildError, Engine, RunnerContext, Service, ShutdownMode};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::client::{Producer, RpcProxy, ServiceHandle};
 use crate::driver::{Driver, Input, RouteExec, StopReport};
+use crate::exporter::MetricsLease;
 use crate::hub::{MemoryHubHandle, now};
 use crate::pool::Pool;
 
@@ -77,6 +80,13 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// every consumer is subscribed. Must be called on a tokio runtime (multi-threaded
     /// recommended; a current-thread runtime works but runs handlers and the driver on one
     /// thread).
+    ///
+    /// Metrics: the service's metric handles bind to the `metrics` recorder current on the
+    /// calling thread while `start` runs (a thread-local one set with
+    /// `metrics::set_default_local_recorder`, else the global one, else none). With
+    /// `ENABLE_METRICS` it first installs the Prometheus recorder as the global one (once per
+    /// process; a foreign global recorder is a [`StartError::Metrics`]) and serves `/metrics`
+    /// on `METRICS.HOST:METRICS.PORT` (see [`RunningService::metrics_addr`]).
     pub async fn start(self) -> Result<RunningService, StartError> {
         let Runner { config, state, contexts, modes, hub } = self;
         config.validate()?;
@@ -115,6 +125,21 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             }
             routes.push(RouteExec { handler: handler.clone(), pool: None });
         }
+
+        // The recorder first: the service's metric handles bind to the recorder current when
+        // they are registered.
+        let metrics_lease = if config.enable_metrics {
+            let handle = crate::exporter::install().map_err(StartError::Metrics)?;
+            let (host, port) = (&config.metrics.host, config.metrics.port);
+            let lease = MetricsLease::acquire(host, port, &handle)
+                .await
+                .map_err(|e| StartError::Metrics(format!("cannot serve /metrics on {host}:{port}: {e}")))?;
+            Some(lease)
+        } else {
+            None
+        };
+        let mut metrics = ServiceMetrics::new(&spec, &ctx_modes);
+        metrics.started();
         let (tx, rx) = mpsc::channel(INPUT_CAPACITY);
         let mut pools = Vec::new();
         let mut pool_of_context = Vec::new();
@@ -158,6 +183,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             confirms: Vec::new(),
             inbox: Vec::new(),
             outcomes: Vec::new(),
+            metrics,
             hub_deadline: None,
             force_exchange: false,
             shutting_down: false,
@@ -168,7 +194,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         driver.turn(); // subscribes every consumer before start returns
         tracing::info!(service = %spec.name, "started");
         let task = tokio::spawn(driver.run());
-        Ok(RunningService { name: spec.name, handle, task: Some(task) })
+        Ok(RunningService { name: spec.name, handle, task: Some(task), metrics: metrics_lease })
     }
 
     /// Starts the service and runs it until SIGINT or SIGTERM, then stops it gracefully. The
@@ -199,6 +225,8 @@ pub struct RunningService {
     name: Arc<str>,
     handle: ServiceHandle,
     task: Option<JoinHandle<StopReport>>,
+    /// This service's use of the `/metrics` server (`ENABLE_METRICS`); released at stop.
+    metrics: Option<MetricsLease>,
 }
 
 impl RunningService {
@@ -217,14 +245,27 @@ impl RunningService {
         self.handle.rpc()
     }
 
+    /// Where `/metrics` is served (the bound address, so a configured port 0 shows the port
+    /// picked), or `None` without `ENABLE_METRICS`. The server is shared by every service of
+    /// the process configured with the same `METRICS.HOST` and `METRICS.PORT`, and stops when
+    /// the last of them stops (or is dropped).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsLease::addr)
+    }
+
     /// Stops gracefully: consumers are cancelled, each context ends as its shutdown mode says
     /// (at most `SHUTDOWN_TIMEOUT`), the link closes (unsettled deliveries go back to their
-    /// queues) and idle worker threads are joined.
+    /// queues) and idle worker threads are joined. Then this service leaves the `/metrics`
+    /// server; if it was the last one there, the server's socket is closed before this returns.
     pub async fn stop(mut self) -> Result<StopReport, StopError> {
         let Some(task) = self.task.take() else { return Err(StopError::Driver("already stopped".into())) };
         // If the driver already ended, the send fails and the join below reports it.
         let _ = self.handle.tx.send(Input::Shutdown).await;
-        task.await.map_err(|e| StopError::Driver(e.to_string()))
+        let report = task.await.map_err(|e| StopError::Driver(e.to_string()));
+        if let Some(lease) = self.metrics.take() {
+            lease.release().await;
+        }
+        report
     }
 }
 
@@ -274,6 +315,10 @@ pub enum StartError {
     /// A worker thread could not be started.
     #[error("cannot start worker threads: {0}")]
     Threads(String),
+    /// `ENABLE_METRICS` is set but the metrics could not be served: the address cannot be
+    /// bound, or another global `metrics` recorder was installed first.
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// Why [`RunningService::stop`] failed.
