@@ -379,10 +379,18 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 
     async fn finish(mut self) -> StopReport {
         let unfinished = self.stopped.unwrap_or(0);
+        let now = now();
         if !self.ops.is_empty() {
-            // The last acks and rejects, before the close returns whatever is left.
-            self.hub.exchange(now(), self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+            // The last acks, rejects and publishes, before the close returns whatever is left.
+            self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
         }
+        // The Engine stopped with the events and calls of its last batch still waiting for
+        // their confirms: report them, so an event that did go out is not reported as failed
+        // (its Producer would otherwise see ShuttingDown and might publish it again).
+        for (id, result) in std::mem::take(&mut self.confirms) {
+            self.engine.handle_publish_result(now, id, result);
+        }
+        self.drain_actions();
         self.hub.close_link(self.link);
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();

@@ -31,7 +31,11 @@ pub struct MemoryHubHandle(Arc<Mutex<HubState>>);
 impl MemoryHubHandle {
     /// A new, empty hub (tests use one each).
     pub fn new() -> Self {
-        MemoryHubHandle(Arc::new(Mutex::new(HubState { hub: MemoryHub::new(), links: Vec::new() })))
+        MemoryHubHandle(Arc::new(Mutex::new(HubState {
+            hub: MemoryHub::new(),
+            links: Vec::new(),
+            announced: None,
+        })))
     }
 
     /// The process-wide hub Runners use unless told otherwise.
@@ -54,6 +58,7 @@ impl MemoryHubHandle {
         let mut state = self.lock();
         let r = f(&mut state.hub);
         state.pump(now, None, &mut Vec::new());
+        state.announce(now, None);
         r
     }
 
@@ -84,6 +89,9 @@ impl MemoryHubHandle {
         }
         state.hub.close_link(link);
         state.pump(now, None, &mut Vec::new());
+        // The closing driver may have been the only one that knew the hub's next deadline.
+        state.announced = None;
+        state.announce(now, None);
     }
 
     /// Applies `ops` in order for `link`, pumps, and moves `link`'s inbox into `inbox`.
@@ -125,6 +133,7 @@ impl MemoryHubHandle {
                 inbox.append(&mut slot.inbox);
             }
         }
+        state.announce(now, Some(link));
         state.hub.poll_timeout()
     }
 
@@ -205,6 +214,8 @@ fn clock() -> &'static Clock {
 struct HubState {
     hub: MemoryHub,
     links: Vec<Option<LinkSlot>>,
+    /// The hub deadline every live driver has been told about.
+    announced: Option<Instant>,
 }
 
 struct LinkSlot {
@@ -213,10 +224,27 @@ struct LinkSlot {
 }
 
 impl HubState {
+    /// When the hub's next deadline comes earlier than the one every driver knows, wakes
+    /// every driver (but `own`, which gets it as `exchange`'s result) so it re-reads it.
+    fn announce(&mut self, now: Instant, own: Option<LinkId>) {
+        let Some(t) = self.hub.poll_timeout() else { return };
+        if self.announced.is_some_and(|a| a > now && a <= t) {
+            return;
+        }
+        self.announced = Some(t);
+        for (i, slot) in self.links.iter().enumerate() {
+            if let Some(slot) = slot
+                && own.is_none_or(|l| l.into_raw() as usize != i)
+            {
+                let _ = slot.signal.wake.try_send(Input::Wake);
+            }
+        }
+    }
+
     /// Pumps the broker: deliveries for `own` go straight to `own_inbox`, the others to their
     /// link's inbox (waking its driver when the inbox was empty).
     fn pump(&mut self, now: Instant, own: Option<LinkId>, own_inbox: &mut Vec<Delivery>) {
-        let HubState { hub, links } = self;
+        let HubState { hub, links, .. } = self;
         let mut orphans: Vec<DeliveryTag> = Vec::new();
         hub.pump(now, |d| {
             if Some(d.link) == own {
