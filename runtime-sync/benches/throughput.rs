@@ -159,17 +159,31 @@ fn main() {
     let repeats = 5;
     let names =
         ["events thread (preloaded)", "events budget 256 (preloaded)", "events end to end", "rpc sequential"];
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |i: usize| names[i].contains(only.as_str());
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     // Warm-up.
-    events_preloaded(n_events / 10, 8);
-    rpc_sequential(n_rpc / 10);
-    for _ in 0..repeats {
-        results[0].push(events_preloaded(n_events, 8));
-        results[1].push(events_preloaded(n_events, 256));
-        results[2].push(events_end_to_end(n_events));
-        results[3].push(rpc_sequential(n_rpc));
+    if (0..3).any(run) {
+        events_preloaded(n_events / 10, 8);
     }
-    for (name, r) in names.iter().zip(results) {
+    if run(3) {
+        rpc_sequential(n_rpc / 10);
+    }
+    for _ in 0..repeats {
+        if run(0) {
+            results[0].push(events_preloaded(n_events, 8));
+        }
+        if run(1) {
+            results[1].push(events_preloaded(n_events, 256));
+        }
+        if run(2) {
+            results[2].push(events_end_to_end(n_events));
+        }
+        if run(3) {
+            results[3].push(rpc_sequential(n_rpc));
+        }
+    }
+    for (name, r) in names.iter().zip(results).filter(|(_, r)| !r.is_empty()) {
         let runs: Vec<String> = r.iter().map(|x| format!("{x:.0}")).collect();
         println!("{name:<30} median {:>10.0} /s   runs [{}]", median(r.clone()), runs.join(", "));
     }

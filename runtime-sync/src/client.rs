@@ -7,7 +7,7 @@
 //! [`RunningService`](crate::RunningService) they carry none.
 
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::TryRecvError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::chan::{self, Receiver, SyncSender};
 use crate::driver::Input;
 
 /// Why [`Producer::dispatch`] failed.
@@ -79,7 +80,7 @@ impl Producer {
             payload: Bytes::from(payload),
             dialect: self.handle.dialect,
         };
-        let (reply, rx) = mpsc::sync_channel(1);
+        let (reply, rx) = chan::sync_channel(1);
         self.handle.tx.send(Input::Emit(event, reply)).map_err(|_| DispatchError::ShuttingDown)?;
         match rx.recv() {
             Ok(result) => result.map_err(DispatchError::Publish),
@@ -160,7 +161,7 @@ impl RpcProxy {
         kwargs: impl Serialize,
     ) -> Result<PendingCall, RpcError> {
         let call = self.outgoing(service, method, args, kwargs)?;
-        let (reply, rx) = mpsc::sync_channel(1);
+        let (reply, rx) = chan::sync_channel(1);
         self.handle.tx.send(Input::Call(call, reply)).map_err(|_| CallError::ShuttingDown)?;
         Ok(PendingCall(rx))
     }
@@ -222,8 +223,8 @@ impl PendingCall {
     pub fn try_wait(self) -> Result<Result<Value, RpcError>, PendingCall> {
         match self.0.try_recv() {
             Ok(result) => Ok(result.map_err(RpcError::Call)),
-            Err(mpsc::TryRecvError::Empty) => Err(self),
-            Err(mpsc::TryRecvError::Disconnected) => Ok(Err(RpcError::Call(CallError::ShuttingDown))),
+            Err(TryRecvError::Empty) => Err(self),
+            Err(TryRecvError::Disconnected) => Ok(Err(RpcError::Call(CallError::ShuttingDown))),
         }
     }
 }

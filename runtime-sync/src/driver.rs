@@ -6,20 +6,20 @@
 //! with `recv_timeout(next deadline)`, the deadline being the earlier of the Engine's and the
 //! hub's (a delayed retry's waiting queue).
 //!
-//! The channel is `std::sync::mpsc::sync_channel` rather than crossbeam-channel: since Rust
-//! 1.67 std's channel is crossbeam's implementation, and it has everything the driver needs
-//! (bounded, `recv_timeout`, non-blocking `try_send` for the hub's wake-ups). The one thing
-//! std lacks, a multi-consumer receiver for the worker pools, costs only a mutex there (see
-//! the pool), so an extra dependency buys nothing.
+//! The channel is the crate's own small mutex-and-condvar channel ([`crate::chan`]: bounded,
+//! `recv_timeout`, non-blocking `try_send` for the hub's wake-ups), not `std::sync::mpsc`,
+//! whose wake-ups under an internal lock cost a lock convoy per hop (see that module); an
+//! extra dependency would buy nothing. The worker pools share one such channel's
+//! (cloneable) receiver (see the pool).
 //!
 //! Ordering: before taking any channel input the driver takes its inbox, so a delivery that
 //! reached this Runner before a command was sent (for example a stop) is handed to the Engine
 //! before that command.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use microfw_core::extract::Extensions;
@@ -30,6 +30,7 @@ use microfw_core::{
 };
 use serde_json::Value;
 
+use crate::chan::{self, Receiver, SyncSender};
 use crate::hub::{HubOp, MemoryHubHandle, now};
 use crate::pool::{Pool, WorkItem};
 
@@ -91,6 +92,8 @@ pub(crate) struct Driver {
     pub(crate) ops: Vec<HubOp>,
     pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
     pub(crate) inbox: Vec<Delivery>,
+    /// Scratch for the hub: drivers to wake once its lock is released.
+    pub(crate) wakes: Vec<SyncSender<Input>>,
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was installed at start).
     pub(crate) metrics: ServiceMetrics,
@@ -178,8 +181,14 @@ impl Driver {
             }
             work |= self.drain_actions();
             if !self.ops.is_empty() || self.hub_deadline.is_some_and(|t| t <= now) {
-                self.hub_deadline =
-                    self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+                self.hub_deadline = self.hub.exchange(
+                    now,
+                    self.link,
+                    &mut self.ops,
+                    &mut self.confirms,
+                    &mut self.inbox,
+                    &mut self.wakes,
+                );
                 work |= !self.confirms.is_empty() || !self.inbox.is_empty();
             }
             if !work || self.stopped.is_some() {
@@ -331,5 +340,5 @@ impl Driver {
 
 /// A driver channel: bounded, so senders wait when the driver falls behind.
 pub(crate) fn channel(capacity: usize) -> (SyncSender<Input>, Receiver<Input>) {
-    mpsc::sync_channel(capacity)
+    chan::sync_channel(capacity)
 }

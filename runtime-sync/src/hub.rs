@@ -5,13 +5,19 @@
 //! are short and never block: a driver takes the lock once per batch of broker operations,
 //! applies them in order, pumps the broker, and leaves each delivery in the inbox of the
 //! Runner owning its link. An inbox going from empty to non-empty sets the link's `pending`
-//! flag and sends its driver a [`Input::Wake`] with `try_send`: if that driver's channel is
-//! full it is busy anyway and checks its inbox before every input it takes. Nothing under the
-//! lock ever waits on another thread, so the hub cannot deadlock with the drivers' bounded
-//! channels.
+//! flag (under the lock) and, once the lock is released, sends its driver a [`Input::Wake`]
+//! with `try_send`: if that driver's channel is full it is busy anyway and checks its inbox
+//! before every input it takes. Nothing under the lock ever waits on another thread, so the
+//! hub cannot deadlock with the drivers' bounded channels.
+//!
+//! The wake-ups are sent after the lock is released, not under it: a driver woken under the
+//! lock went straight for the lock to take its inbox, found it still held by the waker (often
+//! preempted by the very thread it woke, on a small machine), and went back to sleep; the
+//! waker then had to wake it a second time when unlocking (a lock convoy, measured at roughly
+//! one extra sleep and wake per hub hand-over). A wake sent after a racing `take_inbox` has
+//! already emptied the inbox is harmless: the driver finds `pending` clear and ignores it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
@@ -23,6 +29,7 @@ use microfw_core::{
 };
 use serde::Serialize;
 
+use crate::chan::SyncSender;
 use crate::driver::Input;
 
 /// A handle on an in-process broker shared by Runners (cheap to clone).
@@ -55,9 +62,12 @@ impl MemoryHubHandle {
     /// the consumers' inboxes in one step.
     pub fn with_mut<R>(&self, f: impl FnOnce(&mut MemoryHub) -> R) -> R {
         let now = now();
+        let mut wakes = Vec::new();
         let mut state = self.lock();
         let r = f(&mut state.hub);
-        state.pump(now, None, &mut Vec::new());
+        state.pump(now, None, &mut Vec::new(), &mut wakes);
+        drop(state);
+        wake_all(&mut wakes);
         r
     }
 
@@ -112,12 +122,15 @@ impl MemoryHubHandle {
     /// their queues, and whatever becomes deliverable goes to the other links.
     pub(crate) fn close_link(&self, link: LinkId) {
         let now = now();
+        let mut wakes = Vec::new();
         let mut state = self.lock();
         if let Some(slot) = state.links.get_mut(link.into_raw() as usize) {
             *slot = None;
         }
         state.hub.close_link(link);
-        state.pump(now, None, &mut Vec::new());
+        state.pump(now, None, &mut Vec::new(), &mut wakes);
+        drop(state);
+        wake_all(&mut wakes);
     }
 
     /// Moves `link`'s inbox into `inbox` (clearing its pending flag).
@@ -127,7 +140,9 @@ impl MemoryHubHandle {
     }
 
     /// Applies `ops` in order for `link`, pumps, and moves `link`'s inbox into `inbox`.
-    /// Publish confirms go to `confirms`. Returns the hub's next deadline.
+    /// Publish confirms go to `confirms`; the other links' drivers to wake are woken after
+    /// the lock is released (`wakes` is a scratch buffer, left empty). Returns the hub's next
+    /// deadline.
     pub(crate) fn exchange(
         &self,
         now: Instant,
@@ -135,6 +150,21 @@ impl MemoryHubHandle {
         ops: &mut Vec<HubOp>,
         confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
         inbox: &mut Vec<Delivery>,
+        wakes: &mut Vec<SyncSender<Input>>,
+    ) -> Option<Instant> {
+        let deadline = self.exchange_locked(now, link, ops, confirms, inbox, wakes);
+        wake_all(wakes);
+        deadline
+    }
+
+    fn exchange_locked(
+        &self,
+        now: Instant,
+        link: LinkId,
+        ops: &mut Vec<HubOp>,
+        confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
+        inbox: &mut Vec<Delivery>,
+        wakes: &mut Vec<SyncSender<Input>>,
     ) -> Option<Instant> {
         let mut state = self.lock();
         for op in ops.drain(..) {
@@ -156,7 +186,7 @@ impl MemoryHubHandle {
                 HubOp::Reject(tag, requeue) => state.hub.reject(now, tag, requeue),
             }
         }
-        state.pump(now, Some(link), inbox);
+        state.pump(now, Some(link), inbox, wakes);
         state.take_inbox(link, inbox);
         state.hub.poll_timeout()
     }
@@ -208,6 +238,15 @@ pub(crate) fn now() -> Instant {
     clock.base_unix + clock.base_std.elapsed()
 }
 
+/// Sends each driver in `wakes` an [`Input::Wake`] (call with the hub unlocked), emptying it.
+fn wake_all(wakes: &mut Vec<SyncSender<Input>>) {
+    for wake in wakes.drain(..) {
+        // Full: the driver has inputs to take, and checks its inbox before each.
+        // Disconnected: it is ending, and closes its link.
+        let _ = wake.try_send(Input::Wake);
+    }
+}
+
 struct HubState {
     hub: MemoryHub,
     links: Vec<Option<LinkSlot>>,
@@ -221,8 +260,15 @@ struct LinkSlot {
 
 impl HubState {
     /// Pumps the broker: deliveries for `own` go straight to `own_inbox`, the others to their
-    /// link's inbox (waking its driver when the inbox was empty).
-    fn pump(&mut self, now: Instant, own: Option<LinkId>, own_inbox: &mut Vec<Delivery>) {
+    /// link's inbox. A link whose inbox was empty gets its `pending` flag set and its driver's
+    /// sender pushed on `wakes`, for the caller to [`wake_all`] once the lock is released.
+    fn pump(
+        &mut self,
+        now: Instant,
+        own: Option<LinkId>,
+        own_inbox: &mut Vec<Delivery>,
+        wakes: &mut Vec<SyncSender<Input>>,
+    ) {
         let HubState { hub, links } = self;
         let mut orphans: Vec<DeliveryTag> = Vec::new();
         hub.pump(now, |d| {
@@ -234,9 +280,7 @@ impl HubState {
                 Some(slot) => {
                     if slot.inbox.is_empty() {
                         slot.pending.store(true, Ordering::Release);
-                        // Full: the driver has inputs to take, and checks its inbox before
-                        // each. Disconnected: it is ending, and closes its link.
-                        let _ = slot.wake.try_send(Input::Wake);
+                        wakes.push(slot.wake.clone());
                     }
                     slot.inbox.push(d);
                 }

@@ -2,8 +2,8 @@
 //!
 //! Runs a microfw service on plain OS threads, with no async runtime at all (no tokio in the
 //! dependency tree). One driver thread owns the service's [`Engine`](microfw_core::Engine)
-//! and is the only code touching it; it blocks on one bounded `std::sync::mpsc` channel with
-//! `recv_timeout(next deadline)`. Handler outcomes, client commands ([`Producer`],
+//! and is the only code touching it; it blocks on one bounded channel (a mutex and
+//! condvars) with `recv_timeout(next deadline)`. Handler outcomes, client commands ([`Producer`],
 //! [`RpcProxy`]) and stop requests arrive on that channel; deliveries wait in the service's
 //! inbox on the shared [`MemoryHubHandle`], which wakes the driver. After every batch of
 //! inputs the driver drains every action, carries out the broker operations in one short
@@ -69,6 +69,7 @@
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in.
 #![warn(missing_docs)]
 
+mod chan;
 mod client;
 mod driver;
 mod exporter;

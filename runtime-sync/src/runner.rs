@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
 
 use microfw_core::config::{Config, ConfigError, WorkerMode};
@@ -13,6 +12,7 @@ use microfw_core::extract::Extensions;
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{BuildError, Engine, RouteId, RunnerContext, Service, ShutdownMode};
 
+use crate::chan::SyncSender;
 use crate::client::{Producer, RpcProxy, ServiceHandle};
 use crate::driver::{self, Driver, Input, StopReport};
 use crate::exporter::MetricsLease;
@@ -177,6 +177,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             ops: Vec::new(),
             confirms: Vec::new(),
             inbox: Vec::new(),
+            wakes: Vec::new(),
             outcomes: Vec::new(),
             metrics,
             hub_deadline: None,
