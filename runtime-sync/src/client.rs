@@ -10,50 +10,20 @@ use std::sync::Arc;
 use std::sync::mpsc::TryRecvError;
 use std::time::Duration;
 
-use bytes::Bytes;
+use microfw_core::client::{decode_result, encode_arguments, encode_payload};
 use microfw_core::extract::{FromJobParts, JobParts};
 use microfw_core::worker_context::WorkerContext;
 use microfw_core::{
-    CallError, Dialect, OutgoingCall, OutgoingEvent, PublishError, Rejection, RejectionStage, RemoteError,
-    Transport,
+    CallError, Dialect, OutgoingCall, OutgoingEvent, Rejection, RejectionStage, RemoteError, Transport,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::chan::{self, Receiver, SyncSender};
 use crate::driver::Input;
 
-/// Why [`Producer::dispatch`] failed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DispatchError {
-    /// The payload could not be encoded as JSON.
-    #[error("cannot encode the event payload: {0}")]
-    Encode(String),
-    /// The broker did not take the event.
-    #[error("event not published: {0}")]
-    Publish(PublishError),
-    /// The service stopped before the event was confirmed.
-    #[error("the service is shutting down")]
-    ShuttingDown,
-}
-
-/// Why an [`RpcProxy`] call failed.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RpcError {
-    /// The call went out and failed (remote error, timeout, unknown service, shutdown...).
-    #[error(transparent)]
-    Call(#[from] CallError),
-    /// The arguments could not be encoded (args must be an array or tuple, kwargs an object
-    /// or `()`).
-    #[error("cannot encode the call arguments: {0}")]
-    Encode(String),
-    /// The reply could not be decoded into the requested type ([`RpcProxy::call_as`]).
-    #[error("cannot decode the reply: {0}")]
-    Decode(String),
-}
+pub use microfw_core::client::{DispatchError, RpcError};
 
 /// Dispatches events as this service (Nameko's `EventDispatcher`).
 ///
@@ -72,12 +42,11 @@ impl Producer {
     /// Publishes `payload` (encoded as JSON) as event `event_type` and blocks until the
     /// broker confirmed it.
     pub fn dispatch(&self, event_type: &str, payload: &impl Serialize) -> Result<(), DispatchError> {
-        let payload = serde_json::to_vec(payload).map_err(|e| DispatchError::Encode(e.to_string()))?;
         let event = OutgoingEvent {
             context: self.context.clone(),
             source_service: self.handle.service.to_string(),
             event_type: event_type.to_owned(),
-            payload: Bytes::from(payload),
+            payload: encode_payload(payload)?,
             dialect: self.handle.dialect,
         };
         let (reply, rx) = chan::sync_channel(1);
@@ -148,7 +117,7 @@ impl RpcProxy {
         kwargs: impl Serialize,
     ) -> Result<T, RpcError> {
         let value = self.call(service, method, args, kwargs)?;
-        serde_json::from_value(value).map_err(|e| RpcError::Decode(e.to_string()))
+        decode_result(value)
     }
 
     /// Sends the request and returns at once with a [`PendingCall`] to wait on later, so
@@ -173,17 +142,7 @@ impl RpcProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<OutgoingCall, RpcError> {
-        let encode = |e: serde_json::Error| RpcError::Encode(e.to_string());
-        let args = match serde_json::to_value(args).map_err(encode)? {
-            Value::Array(a) => a,
-            Value::Null => Vec::new(),
-            other => return Err(RpcError::Encode(format!("args must be an array or tuple, not {other}"))),
-        };
-        let kwargs = match serde_json::to_value(kwargs).map_err(encode)? {
-            Value::Object(m) => m,
-            Value::Null => Map::new(),
-            other => return Err(RpcError::Encode(format!("kwargs must be an object, not {other}"))),
-        };
+        let (args, kwargs) = encode_arguments(args, kwargs)?;
         Ok(OutgoingCall {
             context: self.context.clone(),
             service: service.to_owned(),

@@ -44,6 +44,10 @@ pub(crate) enum Input {
     Emit(OutgoingEvent, SyncSender<Result<(), PublishError>>),
     /// Deliveries are waiting in the inbox.
     Wake,
+    /// The shared hub next needs pumping at this instant (a delayed retry's waiting queue
+    /// expires): whichever driver is awake then pumps it, so a retry published by a Runner
+    /// that has since stopped still reaches the others.
+    HubDeadline(Instant),
     /// Begin a graceful stop.
     Shutdown,
 }
@@ -55,6 +59,7 @@ impl std::fmt::Debug for Input {
             Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
             Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
             Input::Wake => f.write_str("Wake"),
+            Input::HubDeadline(t) => write!(f, "HubDeadline({t:?})"),
             Input::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -220,6 +225,9 @@ impl Driver {
                 self.emits.insert(id, reply);
             }
             Input::Wake => {} // the inbox was taken before this input
+            Input::HubDeadline(t) => {
+                self.hub_deadline = Some(self.hub_deadline.map_or(t, |d| d.min(t)));
+            }
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -317,6 +325,24 @@ impl Driver {
 
     fn finish(mut self) -> StopReport {
         let unfinished = self.stopped.unwrap_or(0);
+        // The Engine stopped with the events and calls of its last batch still waiting for
+        // their confirms: report them, so an event that did go out is not reported as failed
+        // (its Producer would otherwise see ShuttingDown and might publish it again).
+        let now = now();
+        for (id, result) in std::mem::take(&mut self.confirms) {
+            self.engine.handle_publish_result(now, id, result);
+        }
+        self.drain_actions();
+        if !self.ops.is_empty() {
+            self.hub.exchange(
+                now,
+                self.link,
+                &mut self.ops,
+                &mut self.confirms,
+                &mut self.inbox,
+                &mut self.wakes,
+            );
+        }
         // Unsettled deliveries (and any left in the inbox) go back to their queues.
         self.hub.close_link(self.link);
         // Waiters still registered see their sender dropped: ShuttingDown.

@@ -42,7 +42,11 @@ pub struct MemoryHubHandle(Arc<Mutex<HubState>>);
 impl MemoryHubHandle {
     /// A new, empty hub (tests use one each).
     pub fn new() -> Self {
-        MemoryHubHandle(Arc::new(Mutex::new(HubState { hub: MemoryHub::new(), links: Vec::new() })))
+        MemoryHubHandle(Arc::new(Mutex::new(HubState {
+            hub: MemoryHub::new(),
+            links: Vec::new(),
+            announced: None,
+        })))
     }
 
     /// The process-wide hub Runners use unless told otherwise.
@@ -66,6 +70,7 @@ impl MemoryHubHandle {
         let mut state = self.lock();
         let r = f(&mut state.hub);
         state.pump(now, None, &mut Vec::new(), &mut wakes);
+        state.announce(now, None);
         drop(state);
         wake_all(&mut wakes);
         r
@@ -129,6 +134,9 @@ impl MemoryHubHandle {
         }
         state.hub.close_link(link);
         state.pump(now, None, &mut Vec::new(), &mut wakes);
+        // The closing driver may have been the only one that knew the hub's next deadline.
+        state.announced = None;
+        state.announce(now, None);
         drop(state);
         wake_all(&mut wakes);
     }
@@ -188,6 +196,7 @@ impl MemoryHubHandle {
         }
         state.pump(now, Some(link), inbox, wakes);
         state.take_inbox(link, inbox);
+        state.announce(now, Some(link));
         state.hub.poll_timeout()
     }
 
@@ -250,6 +259,8 @@ fn wake_all(wakes: &mut Vec<SyncSender<Input>>) {
 struct HubState {
     hub: MemoryHub,
     links: Vec<Option<LinkSlot>>,
+    /// The hub deadline every live driver has been told about.
+    announced: Option<Instant>,
 }
 
 struct LinkSlot {
@@ -269,7 +280,7 @@ impl HubState {
         own_inbox: &mut Vec<Delivery>,
         wakes: &mut Vec<SyncSender<Input>>,
     ) {
-        let HubState { hub, links } = self;
+        let HubState { hub, links, .. } = self;
         let mut orphans: Vec<DeliveryTag> = Vec::new();
         hub.pump(now, |d| {
             if Some(d.link) == own {
@@ -289,6 +300,25 @@ impl HubState {
         });
         for tag in orphans {
             hub.reject(now, tag, true);
+        }
+    }
+
+    /// When the hub's next deadline comes earlier than the one every driver knows (or that
+    /// one has passed), tells every driver but `own` (which gets it from `exchange`). Rare (a
+    /// delayed retry's waiting queue appearing), so it sends under the hub lock; the lock order
+    /// is always hub then channel.
+    fn announce(&mut self, now: Instant, own: Option<LinkId>) {
+        let Some(t) = self.hub.poll_timeout() else { return };
+        if self.announced.is_some_and(|a| a > now && a <= t) {
+            return;
+        }
+        self.announced = Some(t);
+        for (i, slot) in self.links.iter().enumerate() {
+            if let Some(slot) = slot
+                && own.is_none_or(|l| l.into_raw() as usize != i)
+            {
+                let _ = slot.wake.try_send(Input::HubDeadline(t));
+            }
         }
     }
 
