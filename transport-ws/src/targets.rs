@@ -14,11 +14,9 @@ use serde_json::{Map, Value};
 use crate::reply::{encode_error, encode_raw_ok};
 use crate::request::RequestId;
 use microfw_core::signature::Signature;
+use microfw_core::targets as core_targets;
 
-/// The command that lists every target.
-pub const LIST_TARGETS: &str = "__list_targets__";
-/// The command that describes one target (its id as first argument).
-pub const GET_TARGET: &str = "__get_target__";
+pub use microfw_core::targets::{GET_TARGET, LIST_TARGETS, is_internal};
 
 /// One RPC target as listed to clients.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,11 +126,6 @@ pub fn ws_targets(spec: &ServiceSpec) -> Vec<TargetDetail> {
         .collect()
 }
 
-/// True for micro_framework's internal commands ([`LIST_TARGETS`], [`GET_TARGET`]).
-pub fn is_internal(method: &str) -> bool {
-    method == LIST_TARGETS || method == GET_TARGET
-}
-
 /// Answers an internal command with the reply frame to send (echoing `id`), or `None` when
 /// `method` is not one: then the request is a call for the Engine.
 ///
@@ -168,33 +161,14 @@ pub fn get_target<'a>(
     kwargs: &Map<String, Value>,
     targets: &'a [TargetDetail],
 ) -> Result<&'a TargetDetail, RemoteError> {
-    const NAME: &str = "__get_target__()";
-    if let Some(unexpected) = kwargs.keys().find(|k| k.as_str() != "target") {
-        return Err(type_error(format!("{NAME} got an unexpected keyword argument '{unexpected}'")));
-    }
-    let key = match (args, kwargs.get("target")) {
-        ([], None) => {
-            return Err(type_error(format!("{NAME} missing 1 required positional argument: 'target'")));
-        }
-        ([key], None) | ([], Some(key)) => key,
-        ([_], Some(_)) => {
-            return Err(type_error(format!("{NAME} got multiple values for argument 'target'")));
-        }
-        _ => {
-            let given = args.len() + 2;
-            return Err(type_error(format!("{NAME} takes 3 positional arguments but {given} were given")));
-        }
-    };
-    match key {
+    // The arguments and the errors are micro_framework's; core owns them (the Engine answers
+    // these commands with the same rules).
+    match core_targets::target_key(args, kwargs)? {
         Value::String(name) => targets
             .iter()
             .find(|t| t.target == *name)
-            .ok_or_else(|| RemoteError::new("builtins", "KeyError", python_str_repr(name))),
-        Value::Array(_) => Err(type_error("unhashable type: 'list'".to_owned())),
-        Value::Object(_) => Err(type_error("unhashable type: 'dict'".to_owned())),
-        Value::Null => Err(RemoteError::new("builtins", "KeyError", "None")),
-        Value::Bool(b) => Err(RemoteError::new("builtins", "KeyError", if *b { "True" } else { "False" })),
-        Value::Number(n) => Err(RemoteError::new("builtins", "KeyError", n.to_string())),
+            .ok_or_else(|| core_targets::key_error(&Value::String(name.clone()))),
+        other => Err(core_targets::key_error(other)),
     }
 }
 
@@ -227,14 +201,7 @@ fn list_targets(
     kwargs: &Map<String, Value>,
     targets: &[TargetDetail],
 ) -> Result<String, RemoteError> {
-    const NAME: &str = "__list_targets__()";
-    if let Some(unexpected) = kwargs.keys().next() {
-        return Err(type_error(format!("{NAME} got an unexpected keyword argument '{unexpected}'")));
-    }
-    if !args.is_empty() {
-        let given = args.len() + 2;
-        return Err(type_error(format!("{NAME} takes 2 positional arguments but {given} were given")));
-    }
+    core_targets::check_list_targets(args, kwargs)?;
     let mut out = String::with_capacity(2 + targets.len() * 64);
     out.push('[');
     for (i, t) in targets.iter().enumerate() {
@@ -245,10 +212,6 @@ fn list_targets(
     }
     out.push(']');
     Ok(out)
-}
-
-fn type_error(message: String) -> RemoteError {
-    RemoteError::new("builtins", "TypeError", message)
 }
 
 fn push_str_value(out: &mut String, s: &str) {
@@ -264,30 +227,6 @@ fn push_names(out: &mut String, names: &[String]) {
         push_str_value(out, n);
     }
     out.push(']');
-}
-
-/// Python's `repr()` of a `str`: single quotes unless the text holds a single quote and no
-/// double quote; backslash, the quote and control characters escaped.
-fn python_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
 }
 
 #[cfg(test)]
