@@ -321,6 +321,34 @@ pub enum EngineEvent {
     },
 }
 
+/// How much a runtime should make of an [`EngineEvent`] in its logs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Routine, possibly once per message (a filtered event, an unknown reply): debug logs.
+    Debug,
+    /// Notable but expected (a retry, a give-up, a dead letter): info logs.
+    Info,
+    /// Something lost or failed that an operator should look at: warnings.
+    Warn,
+}
+
+impl EngineEvent {
+    /// How notable the event is: runtimes log at this level (see
+    /// [`Engine::describe`](crate::Engine::describe) for the text).
+    pub fn severity(&self) -> Severity {
+        match self {
+            EngineEvent::Retrying { .. } | EngineEvent::GaveUp { .. } | EngineEvent::DeadLettered { .. } => {
+                Severity::Info
+            }
+            EngineEvent::CallbackFailed { .. }
+            | EngineEvent::ReplyLost { .. }
+            | EngineEvent::SettlePublishFailed { .. }
+            | EngineEvent::ShutdownTimedOut { .. } => Severity::Warn,
+            _ => Severity::Debug,
+        }
+    }
+}
+
 /// Why an outgoing RPC call failed.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]

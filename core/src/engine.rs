@@ -200,6 +200,12 @@ impl Engine {
         self.contexts.get(route.context.0 as usize).map(|c| &c.spec)
     }
 
+    /// A one-line text for `event`, with route names resolved; formatted only when displayed,
+    /// so a runtime can pass it to a log macro that may skip it.
+    pub fn describe<'a>(&'a self, event: &'a EngineEvent) -> impl std::fmt::Display + 'a {
+        EventText { engine: self, event }
+    }
+
     /// Counters.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
@@ -541,6 +547,44 @@ impl Engine {
 
 // ---------------------------------------------------------------------------------------------
 // Private machinery.
+
+/// [`Engine::describe`]'s text.
+struct EventText<'a> {
+    engine: &'a Engine,
+    event: &'a EngineEvent,
+}
+
+impl std::fmt::Display for EventText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |r: &RouteId| self.engine.route(*r).map_or("?", |s| s.name.as_str());
+        match self.event {
+            EngineEvent::Retrying { route, attempt, delay, error } => {
+                write!(f, "route {}: retry {attempt} in {delay:?} after {}", name(route), error.error)
+            }
+            EngineEvent::GaveUp { route, error } => {
+                write!(f, "route {}: gave up after {}", name(route), error.error)
+            }
+            EngineEvent::DeadLettered { route } => write!(f, "route {}: message dead-lettered", name(route)),
+            EngineEvent::CallbackFailed { route, error } => {
+                write!(f, "failure callback {} failed: {}", name(route), error.error)
+            }
+            EngineEvent::ReplyLost { error } => write!(f, "RPC reply lost: {error}"),
+            EngineEvent::SettlePublishFailed { error, failures, retry_in } => write!(
+                f,
+                "retry or dead-letter publish failed ({failures} so far, next try in {retry_in:?}): {error}"
+            ),
+            EngineEvent::ShutdownTimedOut { unfinished } => {
+                write!(f, "shutdown timed out with {unfinished} unfinished")
+            }
+            EngineEvent::Filtered { route } => write!(f, "route {}: filtered out", name(route)),
+            EngineEvent::Rejected { route, error } => write!(f, "route {}: rejected: {error}", name(route)),
+            EngineEvent::CallbackSkipped { route } => {
+                write!(f, "failure callback {} skipped at shutdown", name(route))
+            }
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -106,7 +106,7 @@ pub mod worker_context;
 
 pub use action::{
     Action, CallError, Delivery, Destination, Dispatch, EngineEvent, OutgoingCall, OutgoingEvent, Publish,
-    PublishError, Source, Subscribe, Transport,
+    PublishError, Severity, Source, Subscribe, Transport,
 };
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use handler::{BlockingHandler, Handler, IntoHandlerError, IntoOutcome, Reply};

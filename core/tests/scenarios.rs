@@ -621,3 +621,30 @@ fn nameko_has_no_internal_commands() {
         matches!(sim.call_result(client, call), Some(Err(CallError::Remote(e))) if e.exc_type == "MethodNotFound")
     );
 }
+
+#[test]
+fn engine_events_read_with_route_names_at_the_right_level() {
+    let state = Flaky { runs: Arc::default(), fail: u32::MAX };
+    let route = Route::blocking(EventListener::new("src", "evt"), "billing", flaky)
+        .retry(RetryPolicy::fixed(1, Duration::from_millis(100)));
+    let mut sim = Simulator::new();
+    let node = sim
+        .add_service(Service::with_state("svc", state).context(RunnerContext::new(1).route(route)))
+        .unwrap();
+    sim.publish_event("src", "evt", &json!(1));
+    sim.run_for(Duration::from_secs(1));
+    let records = sim.take_records(node);
+    let texts: Vec<(microfw_core::Severity, String)> = events(&records)
+        .into_iter()
+        .map(|e| (e.severity(), sim.engine(node).describe(e).to_string()))
+        .collect();
+    use microfw_core::Severity::Info;
+    assert_eq!(
+        texts,
+        vec![
+            (Info, "route billing: retry 1 in 100ms after Busy: run 0".to_owned()),
+            (Info, "route billing: gave up after Busy: run 1".to_owned()),
+            (Info, "route billing: message dead-lettered".to_owned()),
+        ]
+    );
+}

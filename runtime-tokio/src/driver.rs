@@ -19,7 +19,7 @@ use microfw_core::handler::{BoxedHandler, panic_message};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
-    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId,
+    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId, Severity,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -355,25 +355,11 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 
     fn log(&self, event: &EngineEvent) {
         let service = self.engine.service();
-        let name = |r: RouteId| self.engine.route(r).map_or("?", |r| r.name.as_str()).to_owned();
-        match event {
-            EngineEvent::Retrying { route, attempt, delay, error } => {
-                tracing::info!(service, route = name(*route), attempt, ?delay, error = %error.error, "retrying");
-            }
-            EngineEvent::GaveUp { route, error } => {
-                tracing::info!(service, route = name(*route), error = %error.error, "gave up");
-            }
-            EngineEvent::DeadLettered { route } => {
-                tracing::info!(service, route = name(*route), "dead-lettered");
-            }
-            EngineEvent::CallbackFailed { route, error } => {
-                tracing::warn!(service, route = name(*route), error = %error.error, "failure callback failed");
-            }
-            EngineEvent::ReplyLost { error } => tracing::warn!(service, %error, "RPC reply lost"),
-            EngineEvent::ShutdownTimedOut { unfinished } => {
-                tracing::warn!(service, unfinished, "shutdown timed out");
-            }
-            other => tracing::debug!(service, event = ?other),
+        let text = self.engine.describe(event);
+        match event.severity() {
+            Severity::Warn => tracing::warn!(service, "{text}"),
+            Severity::Info => tracing::info!(service, "{text}"),
+            Severity::Debug => tracing::debug!(service, "{text}"),
         }
     }
 
