@@ -37,7 +37,8 @@ use serde::{Deserialize, Deserializer};
 use toml::{Table, Value};
 
 use crate::engine::EngineConfig;
-use crate::route::Dialect;
+use crate::route::{Dialect, RunnerContext, ShutdownMode};
+use crate::service::Service;
 
 /// The configuration of one service process. Every field documents its key, its default and
 /// the micro_framework key it matches. [`Config::default()`] is the documented table.
@@ -152,6 +153,64 @@ pub struct ContextSettings {
     pub worker_mode: WorkerMode,
     /// AMQP prefetch: `PREFETCH_COUNT`, but never below `max_workers`.
     pub prefetch_count: u32,
+}
+
+/// Why the worker modes of a service's contexts cannot be settled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModeError {
+    /// A per-context override names a context the service does not have.
+    #[error("context {index} does not exist (the service has {contexts})")]
+    NoSuchContext {
+        /// The index given.
+        index: usize,
+        /// How many contexts there are.
+        contexts: usize,
+    },
+    /// The runtime cannot run this worker mode.
+    #[error("worker mode {0} is not supported by this runtime")]
+    Unsupported(WorkerMode),
+}
+
+impl Config {
+    /// Settles each context's worker mode (its override in `overrides`, by context index, else
+    /// `WORKER_MODE`) and refuses modes outside `supported` (`WORKER_MODE` itself is checked
+    /// even with no context, so a bad config fails early). Returns the service, named
+    /// `SERVICE_NAME`, with each context's prefetch raised to `PREFETCH_COUNT` when set and its
+    /// shutdown mode following its worker mode (`thread`: finish running work;
+    /// `greedy_thread`: drain what is held; other modes keep the context's own), and the modes.
+    ///
+    /// What it does not do: validate the rest of the config ([`validate`](Self::validate)) or
+    /// build the service ([`Service::build`]).
+    pub fn plan_service<S: Clone + Send + Sync + 'static>(
+        &self,
+        state: S,
+        contexts: Vec<RunnerContext<S>>,
+        overrides: &std::collections::HashMap<usize, WorkerMode>,
+        supported: &[WorkerMode],
+    ) -> Result<(Service<S>, Vec<WorkerMode>), ModeError> {
+        if let Some(&index) = overrides.keys().filter(|&&i| i >= contexts.len()).min() {
+            return Err(ModeError::NoSuchContext { index, contexts: contexts.len() });
+        }
+        let modes: Vec<WorkerMode> =
+            (0..contexts.len()).map(|i| overrides.get(&i).copied().unwrap_or(self.worker_mode)).collect();
+        if let Some(mode) = modes.iter().chain([&self.worker_mode]).find(|m| !supported.contains(m)) {
+            return Err(ModeError::Unsupported(*mode));
+        }
+        let mut service = Service::with_state(self.service_name.clone().unwrap_or_default(), state);
+        for (ctx, mode) in contexts.into_iter().zip(&modes) {
+            let ctx = match self.prefetch_count {
+                Some(prefetch) => ctx.prefetch(prefetch),
+                None => ctx,
+            };
+            service = service.context(match mode {
+                WorkerMode::Thread => ctx.shutdown_mode(ShutdownMode::FinishRunning),
+                WorkerMode::GreedyThread => ctx.shutdown_mode(ShutdownMode::DrainPending),
+                WorkerMode::Async | WorkerMode::Process => ctx,
+            });
+        }
+        Ok((service, modes))
+    }
 }
 
 /// Why a configuration could not be loaded or is not valid. Messages name the key and never
@@ -1107,5 +1166,46 @@ mod tests {
             Config::from_toml_str("AMQP_URI = 5"),
             Err(bad("AMQP_URI", "5", "an amqp:// or amqps:// URI"))
         );
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn ctxs(n: usize) -> Vec<RunnerContext<()>> {
+        (0..n).map(|_| RunnerContext::new(2)).collect()
+    }
+
+    #[test]
+    fn modes_follow_overrides_then_the_default_and_set_shutdown_and_prefetch() {
+        let config =
+            Config { service_name: Some("svc".into()), prefetch_count: Some(16), ..Config::default() };
+        let overrides = HashMap::from([(1, WorkerMode::GreedyThread)]);
+        let supported = [WorkerMode::Thread, WorkerMode::GreedyThread];
+        let (service, modes) = config.plan_service((), ctxs(2), &overrides, &supported).unwrap();
+        assert_eq!(modes, [WorkerMode::Thread, WorkerMode::GreedyThread]);
+        let (spec, _) = service.build().unwrap();
+        assert_eq!(&*spec.name, "svc");
+        assert_eq!(spec.contexts[0].shutdown, ShutdownMode::FinishRunning);
+        assert_eq!(spec.contexts[1].shutdown, ShutdownMode::DrainPending);
+        assert_eq!(spec.contexts[0].prefetch, 16);
+    }
+
+    #[test]
+    fn unsupported_modes_and_missing_contexts_are_refused() {
+        let supported = [WorkerMode::Thread];
+        let asyncish = Config { worker_mode: WorkerMode::Async, ..Config::default() };
+        // The default is checked even with no context.
+        let refused = asyncish.plan_service((), ctxs(0), &HashMap::new(), &supported).map(|_| ());
+        assert_eq!(refused, Err(ModeError::Unsupported(WorkerMode::Async)));
+        let overrides = HashMap::from([(3, WorkerMode::Thread)]);
+        let refused = Config::default().plan_service((), ctxs(2), &overrides, &supported).map(|_| ());
+        assert_eq!(refused, Err(ModeError::NoSuchContext { index: 3, contexts: 2 }));
+        let overrides = HashMap::from([(0, WorkerMode::Process)]);
+        let refused = Config::default().plan_service((), ctxs(1), &overrides, &supported).map(|_| ());
+        assert_eq!(refused, Err(ModeError::Unsupported(WorkerMode::Process)));
     }
 }

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use microfw_core::config::{Config, ConfigError, WorkerMode};
+use microfw_core::config::{Config, ConfigError, ModeError, WorkerMode};
 use microfw_core::extract::Extensions;
 use microfw_core::metrics::ServiceMetrics;
-use microfw_core::{BuildError, Engine, RouteId, RunnerContext, Service, ShutdownMode};
+use microfw_core::{BuildError, Engine, RouteId, RunnerContext};
 
 use crate::chan::SyncSender;
 use crate::client::{Producer, RpcProxy, ServiceHandle};
@@ -93,32 +93,13 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         if config.amqp_uri.is_some() {
             return Err(StartError::AmqpUnsupported);
         }
-        let name = config.service_name.clone().unwrap_or_default();
-        let default_mode = config.worker_mode;
-        if let Some(&index) = modes.keys().find(|&&i| i >= contexts.len()) {
-            return Err(StartError::NoSuchContext { index, contexts: contexts.len() });
-        }
-        let ctx_modes: Vec<WorkerMode> =
-            (0..contexts.len()).map(|i| modes.get(&i).copied().unwrap_or(default_mode)).collect();
-        // The config default is checked even with no context, so a bad config fails early.
-        for mode in ctx_modes.iter().chain([&default_mode]) {
-            match mode {
-                WorkerMode::Process => return Err(StartError::ProcessModeUnsupported),
-                WorkerMode::Async => return Err(StartError::AsyncModeUnsupported),
-                WorkerMode::Thread | WorkerMode::GreedyThread => {}
-            }
-        }
-        let mut service = Service::with_state(name, state);
-        for (ctx, mode) in contexts.into_iter().zip(&ctx_modes) {
-            let ctx = match config.prefetch_count {
-                Some(prefetch) => ctx.prefetch(prefetch),
-                None => ctx,
-            };
-            service = service.context(match mode {
-                WorkerMode::GreedyThread => ctx.shutdown_mode(ShutdownMode::DrainPending),
-                _ => ctx.shutdown_mode(ShutdownMode::FinishRunning),
-            });
-        }
+        let supported = [WorkerMode::Thread, WorkerMode::GreedyThread];
+        let (service, ctx_modes) =
+            config.plan_service(state, contexts, &modes, &supported).map_err(|e| match e {
+                ModeError::NoSuchContext { index, contexts } => StartError::NoSuchContext { index, contexts },
+                ModeError::Unsupported(WorkerMode::Async) => StartError::AsyncModeUnsupported,
+                _ => StartError::ProcessModeUnsupported,
+            })?;
         let (spec, table) = service.build()?;
         let mut route_pool = Vec::with_capacity(spec.routes.len());
         for (i, (route, ctx)) in spec.routes.iter().enumerate() {

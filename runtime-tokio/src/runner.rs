@@ -5,10 +5,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use microfw_core::config::{Config, ConfigError, WorkerMode};
+use microfw_core::config::{Config, ConfigError, ModeError, WorkerMode};
 use microfw_core::extract::Extensions;
 use microfw_core::metrics::ServiceMetrics;
-use microfw_core::{BuildError, Engine, RunnerContext, Service, ShutdownMode};
+use microfw_core::{BuildError, Engine, RunnerContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -93,27 +93,12 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         if config.amqp_uri.is_some() {
             return Err(StartError::AmqpUnsupported);
         }
-        let name = config.service_name.clone().unwrap_or_default();
-        if let Some(&index) = modes.keys().find(|&&i| i >= contexts.len()) {
-            return Err(StartError::NoSuchContext { index, contexts: contexts.len() });
-        }
-        let ctx_modes: Vec<WorkerMode> =
-            (0..contexts.len()).map(|i| modes.get(&i).copied().unwrap_or(config.worker_mode)).collect();
-        if config.worker_mode == WorkerMode::Process || ctx_modes.contains(&WorkerMode::Process) {
-            return Err(StartError::ProcessModeUnsupported);
-        }
-        let mut service = Service::with_state(name, state);
-        for (ctx, mode) in contexts.into_iter().zip(&ctx_modes) {
-            let ctx = match config.prefetch_count {
-                Some(prefetch) => ctx.prefetch(prefetch),
-                None => ctx,
-            };
-            service = service.context(match mode {
-                WorkerMode::Thread => ctx.shutdown_mode(ShutdownMode::FinishRunning),
-                WorkerMode::GreedyThread => ctx.shutdown_mode(ShutdownMode::DrainPending),
-                WorkerMode::Async | WorkerMode::Process => ctx,
-            });
-        }
+        let supported = [WorkerMode::Async, WorkerMode::Thread, WorkerMode::GreedyThread];
+        let (service, ctx_modes) =
+            config.plan_service(state, contexts, &modes, &supported).map_err(|e| match e {
+                ModeError::NoSuchContext { index, contexts } => StartError::NoSuchContext { index, contexts },
+                _ => StartError::ProcessModeUnsupported,
+            })?;
         let (spec, table) = service.build()?;
 
         // Check every route against its context's mode before starting any thread.
