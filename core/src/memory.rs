@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use crate::action::{Delivery, Destination, Publish, PublishError, Source, Subscribe};
 use crate::broker::{BrokerDelivery, BrokerError, ConsumerTag, ExchangeKind, MemoryBroker, QueueOptions};
 use crate::engine::{EXCHANGE_HEADER, ROUTING_KEY_HEADER};
-use crate::ids::{DeliveryTag, IdMap, LinkId, SubscriptionId};
+use crate::ids::{DeliveryTag, IdMap, LinkId, PublishId, SubscriptionId};
 use crate::message::{Envelope, FieldValue};
 use crate::route::{Dialect, HandlerType};
 use crate::time::Instant;
@@ -245,6 +245,23 @@ fn other(e: BrokerError) -> PublishError {
     PublishError::Other(e.to_string())
 }
 
+/// A broker operation from one of an Engine's actions ([`Action::Subscribe`](crate::Action),
+/// `Unsubscribe`, `Publish`, `Ack`, `Reject`), as a runtime batches them until its next turn
+/// with a shared [`MemoryHub`] ([`MemoryHub::apply`]).
+#[derive(Debug)]
+pub enum HubOp {
+    /// Start a consumer.
+    Subscribe(Subscribe),
+    /// Stop a consumer.
+    Unsubscribe(SubscriptionId),
+    /// Publish (confirmed at once).
+    Publish(Publish),
+    /// Ack a delivery.
+    Ack(DeliveryTag),
+    /// Reject a delivery; `true` requeues it.
+    Reject(DeliveryTag, bool),
+}
+
 /// Many links over one [`MemoryBroker`]: the embedded transport of a whole process, where
 /// several services exchange events and RPC with no broker installed.
 ///
@@ -314,6 +331,31 @@ impl MemoryHub {
             Some(l) => l.publish(&mut self.broker, now, publish),
             None => Err(PublishError::LinkDown("link closed".to_owned())),
         }
+    }
+
+    /// Carries out `op` for `link`. A publish's confirm goes to `confirms` (the memory hub
+    /// confirms at once); a subscription the broker refused comes back as the error, for the
+    /// runtime to log (the other operations cannot fail in a way the Engine must hear of).
+    pub fn apply(
+        &mut self,
+        link: LinkId,
+        now: Instant,
+        op: HubOp,
+        confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
+    ) -> Result<(), (SubscriptionId, BrokerError)> {
+        match op {
+            HubOp::Subscribe(s) => self.subscribe(link, &s).map_err(|e| (s.id, e))?,
+            HubOp::Unsubscribe(id) => {
+                let _ = self.unsubscribe(link, id);
+            }
+            HubOp::Publish(p) => {
+                let id = p.id;
+                confirms.push((id, self.publish(link, now, p)));
+            }
+            HubOp::Ack(tag) => self.ack(tag),
+            HubOp::Reject(tag, requeue) => self.reject(now, tag, requeue),
+        }
+        Ok(())
     }
 
     /// Acks a delivery. Unknown tags (already settled, or from a closed link) are ignored.

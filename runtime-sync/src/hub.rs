@@ -23,10 +23,7 @@ use std::time::SystemTime;
 
 use microfw_core::broker::ExchangeKind;
 use microfw_core::memory::{MemoryHub, events_exchange};
-use microfw_core::{
-    Delivery, DeliveryTag, Envelope, Instant, LinkId, Publish, PublishError, PublishId, Subscribe,
-    SubscriptionId,
-};
+use microfw_core::{Delivery, DeliveryTag, Envelope, Instant, LinkId, PublishError, PublishId};
 use serde::Serialize;
 
 use crate::chan::SyncSender;
@@ -176,22 +173,8 @@ impl MemoryHubHandle {
     ) -> Option<Instant> {
         let mut state = self.lock();
         for op in ops.drain(..) {
-            match op {
-                HubOp::Subscribe(s) => {
-                    if let Err(e) = state.hub.subscribe(link, &s) {
-                        tracing::error!(subscription = %s.id, error = %e, "memory hub subscribe failed");
-                    }
-                }
-                HubOp::Unsubscribe(id) => {
-                    let _ = state.hub.unsubscribe(link, id);
-                }
-                HubOp::Publish(p) => {
-                    let id = p.id;
-                    let result = state.hub.publish(link, now, p);
-                    confirms.push((id, result));
-                }
-                HubOp::Ack(tag) => state.hub.ack(tag),
-                HubOp::Reject(tag, requeue) => state.hub.reject(now, tag, requeue),
+            if let Err((id, e)) = state.hub.apply(link, now, op, confirms) {
+                tracing::error!(subscription = %id, error = %e, "memory hub subscribe failed");
             }
         }
         state.pump(now, Some(link), inbox, wakes);
@@ -219,15 +202,7 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-/// A broker operation a driver batches until its next turn with the hub.
-#[derive(Debug)]
-pub(crate) enum HubOp {
-    Subscribe(Subscribe),
-    Unsubscribe(SubscriptionId),
-    Publish(Publish),
-    Ack(DeliveryTag),
-    Reject(DeliveryTag, bool),
-}
+pub(crate) use microfw_core::memory::HubOp;
 
 /// The current time as the core counts it: Unix time read once per process, advanced by a
 /// monotonic clock (so every Runner of the process agrees, and time never goes back).

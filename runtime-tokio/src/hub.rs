@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use microfw_core::memory::MemoryHub;
-use microfw_core::{
-    Delivery, DeliveryTag, Instant, LinkId, Publish, PublishError, PublishId, Subscribe, SubscriptionId,
-};
+use microfw_core::{Delivery, DeliveryTag, Instant, LinkId, PublishError, PublishId};
 use tokio::sync::mpsc;
 
 use crate::driver::Input;
@@ -106,22 +104,8 @@ impl MemoryHubHandle {
     ) -> Option<Instant> {
         let mut state = self.lock();
         for op in ops.drain(..) {
-            match op {
-                HubOp::Subscribe(s) => {
-                    if let Err(e) = state.hub.subscribe(link, &s) {
-                        tracing::error!(subscription = %s.id, error = %e, "memory hub subscribe failed");
-                    }
-                }
-                HubOp::Unsubscribe(id) => {
-                    let _ = state.hub.unsubscribe(link, id);
-                }
-                HubOp::Publish(p) => {
-                    let id = p.id;
-                    let result = state.hub.publish(link, now, p);
-                    confirms.push((id, result));
-                }
-                HubOp::Ack(tag) => state.hub.ack(tag),
-                HubOp::Reject(tag, requeue) => state.hub.reject(now, tag, requeue),
+            if let Err((id, e)) = state.hub.apply(link, now, op, confirms) {
+                tracing::error!(subscription = %id, error = %e, "memory hub subscribe failed");
             }
         }
         state.pump(now, Some(link), inbox);
@@ -156,15 +140,7 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-/// A broker operation a driver batches until its next turn with the hub.
-#[derive(Debug)]
-pub(crate) enum HubOp {
-    Subscribe(Subscribe),
-    Unsubscribe(SubscriptionId),
-    Publish(Publish),
-    Ack(DeliveryTag),
-    Reject(DeliveryTag, bool),
-}
+pub(crate) use microfw_core::memory::HubOp;
 
 /// How a link's driver learns that its inbox has deliveries: `pending` is set, and an
 /// [`Input::Wake`] is sent on its input channel when the inbox was empty. If that channel is
@@ -270,7 +246,9 @@ impl HubState {
 
 #[cfg(test)]
 mod tests {
-    use microfw_core::{Destination, Dialect, Envelope, HandlerType, Source, Transport};
+    use microfw_core::{
+        Destination, Dialect, Envelope, HandlerType, Publish, Source, Subscribe, SubscriptionId, Transport,
+    };
 
     use super::*;
 
