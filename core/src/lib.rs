@@ -87,6 +87,7 @@ pub mod engine;
 pub mod extract;
 pub mod handler;
 pub mod ids;
+pub mod link;
 pub mod memory;
 pub mod message;
 pub mod metrics;

@@ -14,6 +14,7 @@ use crate::action::{Delivery, Destination, Publish, PublishError, Source, Subscr
 use crate::broker::{BrokerDelivery, BrokerError, ConsumerTag, ExchangeKind, MemoryBroker, QueueOptions};
 use crate::engine::{EXCHANGE_HEADER, ROUTING_KEY_HEADER};
 use crate::ids::{DeliveryTag, IdMap, LinkId, PublishId, SubscriptionId};
+use crate::link::LinkOp;
 use crate::message::{Envelope, FieldValue};
 use crate::route::{Dialect, HandlerType};
 use crate::time::Instant;
@@ -245,23 +246,6 @@ fn other(e: BrokerError) -> PublishError {
     PublishError::Other(e.to_string())
 }
 
-/// A broker operation from one of an Engine's actions ([`Action::Subscribe`](crate::Action),
-/// `Unsubscribe`, `Publish`, `Ack`, `Reject`), as a runtime batches them until its next turn
-/// with a shared [`MemoryHub`] ([`MemoryHub::apply`]).
-#[derive(Debug)]
-pub enum HubOp {
-    /// Start a consumer.
-    Subscribe(Subscribe),
-    /// Stop a consumer.
-    Unsubscribe(SubscriptionId),
-    /// Publish (confirmed at once).
-    Publish(Publish),
-    /// Ack a delivery.
-    Ack(DeliveryTag),
-    /// Reject a delivery; `true` requeues it.
-    Reject(DeliveryTag, bool),
-}
-
 /// Many links over one [`MemoryBroker`]: the embedded transport of a whole process, where
 /// several services exchange events and RPC with no broker installed.
 ///
@@ -340,20 +324,20 @@ impl MemoryHub {
         &mut self,
         link: LinkId,
         now: Instant,
-        op: HubOp,
+        op: LinkOp,
         confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
     ) -> Result<(), (SubscriptionId, BrokerError)> {
         match op {
-            HubOp::Subscribe(s) => self.subscribe(link, &s).map_err(|e| (s.id, e))?,
-            HubOp::Unsubscribe(id) => {
+            LinkOp::Subscribe(s) => self.subscribe(link, &s).map_err(|e| (s.id, e))?,
+            LinkOp::Unsubscribe(id) => {
                 let _ = self.unsubscribe(link, id);
             }
-            HubOp::Publish(p) => {
+            LinkOp::Publish(p) => {
                 let id = p.id;
                 confirms.push((id, self.publish(link, now, p)));
             }
-            HubOp::Ack(tag) => self.ack(tag),
-            HubOp::Reject(tag, requeue) => self.reject(now, tag, requeue),
+            LinkOp::Ack(tag) => self.ack(tag),
+            LinkOp::Reject(tag, requeue) => self.reject(now, tag, requeue),
         }
         Ok(())
     }

@@ -202,7 +202,7 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-pub(crate) use microfw_core::memory::HubOp;
+pub(crate) use microfw_core::link::LinkOp as HubOp;
 
 /// The current time as the core counts it: Unix time read once per process, advanced by a
 /// monotonic clock (so every Runner of the process agrees, and time never goes back).

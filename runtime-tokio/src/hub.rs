@@ -140,7 +140,7 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-pub(crate) use microfw_core::memory::HubOp;
+pub(crate) use microfw_core::link::LinkOp as HubOp;
 
 /// How a link's driver learns that its inbox has deliveries: `pending` is set, and an
 /// [`Input::Wake`] is sent on its input channel when the inbox was empty. If that channel is
