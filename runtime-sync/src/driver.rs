@@ -17,21 +17,20 @@
 //! before that command.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use microfw_core::extract::Extensions;
+use microfw_core::link::{LinkInbox, LinkWaker, Links};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
-    Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
-    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId, Severity,
+    Action, CallError, CallId, Dispatch, DispatchId, Engine, EngineEvent, Instant, Outcome, OutgoingCall,
+    OutgoingEvent, PublishError, PublishId, RouteId, Severity, Transport,
 };
 use serde_json::Value;
 
 use crate::chan::{self, Receiver, SyncSender};
-use crate::hub::{HubOp, MemoryHubHandle, now};
+use crate::hub::now;
 use crate::pool::{Pool, WorkItem};
 
 /// What a driver's input channel carries.
@@ -42,12 +41,10 @@ pub(crate) enum Input {
     Call(OutgoingCall, SyncSender<Result<Value, CallError>>),
     /// An event to publish; the confirm goes to the sender.
     Emit(OutgoingEvent, SyncSender<Result<(), PublishError>>),
-    /// Deliveries are waiting in the inbox.
+    /// A link has arrivals (or a new deadline: the shared hub next needs pumping when a
+    /// delayed retry's waiting queue expires, and whichever driver is awake then pumps it, so
+    /// a retry published by a Runner that has since stopped still reaches the others).
     Wake,
-    /// The shared hub next needs pumping at this instant (a delayed retry's waiting queue
-    /// expires): whichever driver is awake then pumps it, so a retry published by a Runner
-    /// that has since stopped still reaches the others.
-    HubDeadline(Instant),
     /// Begin a graceful stop.
     Shutdown,
 }
@@ -59,7 +56,6 @@ impl std::fmt::Debug for Input {
             Input::Call(c, _) => write!(f, "Call({}.{})", c.service, c.method),
             Input::Emit(e, _) => write!(f, "Emit({})", e.event_type),
             Input::Wake => f.write_str("Wake"),
-            Input::HubDeadline(t) => write!(f, "HubDeadline({t:?})"),
             Input::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -84,9 +80,10 @@ pub struct StopReport {
 
 pub(crate) struct Driver {
     pub(crate) engine: Engine,
-    pub(crate) hub: MemoryHubHandle,
-    pub(crate) link: LinkId,
-    pub(crate) pending: Arc<AtomicBool>,
+    /// The service's links (broker, WebSocket), and the routing of link actions to them.
+    pub(crate) links: Links,
+    /// Set by any link when something arrived for this driver.
+    pub(crate) waker: LinkWaker,
     pub(crate) rx: Receiver<Input>,
     /// Pool index by route id.
     pub(crate) route_pool: Vec<usize>,
@@ -94,18 +91,19 @@ pub(crate) struct Driver {
     pub(crate) extensions: Extensions,
     pub(crate) calls: HashMap<CallId, SyncSender<Result<Value, CallError>>>,
     pub(crate) emits: HashMap<PublishId, SyncSender<Result<(), PublishError>>>,
-    pub(crate) ops: Vec<HubOp>,
-    pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
-    pub(crate) inbox: Vec<Delivery>,
-    /// Scratch for the hub: drivers to wake once its lock is released.
-    pub(crate) wakes: Vec<SyncSender<Input>>,
+    /// What the links handed over, fed to the Engine in the same turn.
+    pub(crate) arrivals: LinkInbox,
+    /// Transports whose reply queue a link lost.
+    pub(crate) lost: Vec<Transport>,
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was installed at start).
     pub(crate) metrics: ServiceMetrics,
-    pub(crate) hub_deadline: Option<Instant>,
     pub(crate) shutting_down: bool,
     pub(crate) stopped: Option<usize>,
 }
+
+/// How long a link may take to flush its last operations and close.
+const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
 const INPUT_BATCH: usize = 256;
@@ -118,7 +116,7 @@ impl Driver {
             if self.stopped.is_some() {
                 break;
             }
-            let deadline = match (self.engine.poll_timeout(), self.hub_deadline) {
+            let deadline = match (self.engine.poll_timeout(), self.links.deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -168,33 +166,15 @@ impl Driver {
                     self.outcomes = outcomes; // keep the capacity
                 }
             }
-            if !self.inbox.is_empty() {
-                work = true;
-                for delivery in self.inbox.drain(..) {
-                    self.engine.handle_delivery(now, delivery);
-                }
-            }
-            if !self.confirms.is_empty() {
-                work = true;
-                for (id, result) in self.confirms.drain(..) {
-                    self.engine.handle_publish_result(now, id, result);
-                }
-            }
+            work |= self.feed_arrivals(now);
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 work = true;
                 self.engine.handle_timeout(now);
             }
             work |= self.drain_actions();
-            if !self.ops.is_empty() || self.hub_deadline.is_some_and(|t| t <= now) {
-                self.hub_deadline = self.hub.exchange(
-                    now,
-                    self.link,
-                    &mut self.ops,
-                    &mut self.confirms,
-                    &mut self.inbox,
-                    &mut self.wakes,
-                );
-                work |= !self.confirms.is_empty() || !self.inbox.is_empty();
+            if self.links.has_ops() || self.links.deadline().is_some_and(|t| t <= now) {
+                self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
+                work |= !self.arrivals.is_empty() || !self.lost.is_empty();
             }
             if !work || self.stopped.is_some() {
                 return;
@@ -202,15 +182,32 @@ impl Driver {
         }
     }
 
-    /// Deliveries handed to this link go to the Engine before any later input.
+    /// What arrived on a link goes to the Engine before any later input.
     fn take_inbox_if_pending(&mut self) {
-        if self.pending.load(Ordering::Acquire) {
-            self.hub.take_inbox(self.link, &mut self.inbox);
+        if self.waker.take() {
             let now = now();
-            for delivery in self.inbox.drain(..) {
-                self.engine.handle_delivery(now, delivery);
-            }
+            self.links.exchange(now, true, &mut self.arrivals, &mut self.lost);
+            self.feed_arrivals(now);
         }
+    }
+
+    /// Feeds what the links handed over to the Engine; true if there was any.
+    fn feed_arrivals(&mut self, now: Instant) -> bool {
+        if self.arrivals.is_empty() && self.lost.is_empty() {
+            return false;
+        }
+        for delivery in self.arrivals.deliveries.drain(..) {
+            self.engine.handle_delivery(now, delivery);
+        }
+        for (id, result) in self.arrivals.confirms.drain(..) {
+            self.engine.handle_publish_result(now, id, result);
+        }
+        self.arrivals.reply_queue_lost = false;
+        for transport in self.lost.drain(..) {
+            tracing::warn!(service = self.engine.service(), ?transport, "the reply queue was lost");
+            self.engine.handle_reply_queue_lost(now, transport);
+        }
+        true
     }
 
     fn input(&mut self, now: Instant, input: Input) {
@@ -224,10 +221,7 @@ impl Driver {
                 let id = self.engine.handle_emit(now, event);
                 self.emits.insert(id, reply);
             }
-            Input::Wake => {} // the inbox was taken before this input
-            Input::HubDeadline(t) => {
-                self.hub_deadline = Some(self.hub_deadline.map_or(t, |d| d.min(t)));
-            }
+            Input::Wake => {} // the links were exchanged with before this input
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -243,13 +237,9 @@ impl Driver {
         let mut any = false;
         while let Some(action) = self.engine.poll_action() {
             any = true;
+            let Some(action) = self.links.route(action, &mut self.arrivals) else { continue };
             match action {
-                Action::Subscribe(s) => self.ops.push(HubOp::Subscribe(s)),
-                Action::Unsubscribe { id, .. } => self.ops.push(HubOp::Unsubscribe(id)),
                 Action::Dispatch(d) => self.dispatch(d),
-                Action::Publish(p) => self.ops.push(HubOp::Publish(p)),
-                Action::Ack(d) => self.ops.push(HubOp::Ack(d.tag)),
-                Action::Reject { delivery, requeue } => self.ops.push(HubOp::Reject(delivery.tag, requeue)),
                 Action::Resolve { call, result } => {
                     if let Some(reply) = self.calls.remove(&call) {
                         // Capacity 1, one send: never blocks. A dropped waiter is fine.
@@ -269,6 +259,12 @@ impl Driver {
                     tracing::info!(service = self.engine.service(), unfinished, "stopped");
                     self.stopped = Some(unfinished);
                 }
+                // Routed to a link above.
+                Action::Subscribe(_)
+                | Action::Unsubscribe { .. }
+                | Action::Publish(_)
+                | Action::Ack(_)
+                | Action::Reject { .. } => {}
             }
         }
         any
@@ -315,22 +311,16 @@ impl Driver {
         // their confirms: report them, so an event that did go out is not reported as failed
         // (its Producer would otherwise see ShuttingDown and might publish it again).
         let now = now();
-        for (id, result) in std::mem::take(&mut self.confirms) {
+        for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
             self.engine.handle_publish_result(now, id, result);
         }
         self.drain_actions();
-        if !self.ops.is_empty() {
-            self.hub.exchange(
-                now,
-                self.link,
-                &mut self.ops,
-                &mut self.confirms,
-                &mut self.inbox,
-                &mut self.wakes,
-            );
+        if self.links.has_ops() {
+            self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
         }
-        // Unsettled deliveries (and any left in the inbox) go back to their queues.
-        self.hub.close_link(self.link);
+        // Unsettled deliveries (and any a link still holds) go back to their queues.
+        self.arrivals.deliveries.clear();
+        self.links.close(LINK_CLOSE_TIMEOUT);
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();
         self.emits.clear();

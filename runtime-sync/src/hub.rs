@@ -4,10 +4,10 @@
 //! link, an inbox of deliveries and the sender of the link's driver channel. Critical sections
 //! are short and never block: a driver takes the lock once per batch of broker operations,
 //! applies them in order, pumps the broker, and leaves each delivery in the inbox of the
-//! Runner owning its link. An inbox going from empty to non-empty sets the link's `pending`
-//! flag (under the lock) and, once the lock is released, sends its driver a [`Input::Wake`]
-//! with `try_send`: if that driver's channel is full it is busy anyway and checks its inbox
-//! before every input it takes. Nothing under the lock ever waits on another thread, so the
+//! Runner owning its link. An inbox going from empty to non-empty wakes its driver (its
+//! [`LinkWaker`](microfw_core::link::LinkWaker)) once the lock is released: the waker's flag
+//! is set and a wake-up sent with `try_send`; if that driver's channel is full it is busy
+//! anyway and checks the flag before every input it takes. Nothing under the lock ever waits on another thread, so the
 //! hub cannot deadlock with the drivers' bounded channels.
 //!
 //! The wake-ups are sent after the lock is released, not under it: a driver woken under the
@@ -15,19 +15,16 @@
 //! preempted by the very thread it woke, on a small machine), and went back to sleep; the
 //! waker then had to wake it a second time when unlocking (a lock convoy, measured at roughly
 //! one extra sleep and wake per hub hand-over). A wake sent after a racing `take_inbox` has
-//! already emptied the inbox is harmless: the driver finds `pending` clear and ignores it.
+//! already emptied the inbox is harmless: the driver finds an empty inbox.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use microfw_core::broker::ExchangeKind;
+use microfw_core::link::{Connect, Link, LinkError, LinkInbox, LinkOp, LinkSpec, LinkWaker};
 use microfw_core::memory::{MemoryHub, events_exchange};
 use microfw_core::{Delivery, DeliveryTag, Envelope, Instant, LinkId, PublishError, PublishId};
 use serde::Serialize;
-
-use crate::chan::SyncSender;
-use crate::driver::Input;
 
 /// A handle on an in-process broker shared by Runners (cheap to clone).
 ///
@@ -108,16 +105,15 @@ impl MemoryHubHandle {
     }
 
     /// Opens a link whose deliveries wake the driver behind `wake`.
-    pub(crate) fn open_link(&self, wake: SyncSender<Input>) -> (LinkId, Arc<AtomicBool>) {
-        let pending = Arc::new(AtomicBool::new(false));
+    pub(crate) fn open_link(&self, waker: LinkWaker) -> LinkId {
         let mut state = self.lock();
         let id = state.hub.open_link();
         let index = id.into_raw() as usize;
         if state.links.len() <= index {
             state.links.resize_with(index + 1, || None);
         }
-        state.links[index] = Some(LinkSlot { inbox: Vec::new(), pending: pending.clone(), wake });
-        (id, pending)
+        state.links[index] = Some(LinkSlot { inbox: Vec::new(), waker });
+        id
     }
 
     /// Closes `link`: its unacked deliveries (including any still in its inbox) return to
@@ -138,12 +134,6 @@ impl MemoryHubHandle {
         wake_all(&mut wakes);
     }
 
-    /// Moves `link`'s inbox into `inbox` (clearing its pending flag).
-    pub(crate) fn take_inbox(&self, link: LinkId, inbox: &mut Vec<Delivery>) {
-        let mut state = self.lock();
-        state.take_inbox(link, inbox);
-    }
-
     /// Applies `ops` in order for `link`, pumps, and moves `link`'s inbox into `inbox`.
     /// Publish confirms go to `confirms`; the other links' drivers to wake are woken after
     /// the lock is released (`wakes` is a scratch buffer, left empty). Returns the hub's next
@@ -152,10 +142,10 @@ impl MemoryHubHandle {
         &self,
         now: Instant,
         link: LinkId,
-        ops: &mut Vec<HubOp>,
+        ops: &mut Vec<LinkOp>,
         confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
         inbox: &mut Vec<Delivery>,
-        wakes: &mut Vec<SyncSender<Input>>,
+        wakes: &mut Vec<LinkWaker>,
     ) -> Option<Instant> {
         let deadline = self.exchange_locked(now, link, ops, confirms, inbox, wakes);
         wake_all(wakes);
@@ -166,10 +156,10 @@ impl MemoryHubHandle {
         &self,
         now: Instant,
         link: LinkId,
-        ops: &mut Vec<HubOp>,
+        ops: &mut Vec<LinkOp>,
         confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
         inbox: &mut Vec<Delivery>,
-        wakes: &mut Vec<SyncSender<Input>>,
+        wakes: &mut Vec<LinkWaker>,
     ) -> Option<Instant> {
         let mut state = self.lock();
         for op in ops.drain(..) {
@@ -202,7 +192,31 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-pub(crate) use microfw_core::link::LinkOp as HubOp;
+/// One Runner's link on a [`MemoryHubHandle`].
+pub(crate) struct HubLink {
+    hub: MemoryHubHandle,
+    id: LinkId,
+    /// Scratch: drivers to wake once the hub's lock is released.
+    wakes: Vec<LinkWaker>,
+}
+
+impl Link for HubLink {
+    fn exchange(&mut self, now: Instant, ops: &mut Vec<LinkOp>, inbox: &mut LinkInbox) -> Option<Instant> {
+        self.hub.exchange(now, self.id, ops, &mut inbox.confirms, &mut inbox.deliveries, &mut self.wakes)
+    }
+
+    fn close(&mut self, _timeout: Duration) {
+        self.hub.close_link(self.id);
+    }
+}
+
+impl Connect for MemoryHubHandle {
+    /// Opens a link on this hub (never fails, never waits).
+    fn connect(self: Box<Self>, _spec: &LinkSpec, waker: LinkWaker) -> Result<Box<dyn Link>, LinkError> {
+        let id = self.open_link(waker);
+        Ok(Box::new(HubLink { hub: *self, id, wakes: Vec::new() }))
+    }
+}
 
 /// The current time as the core counts it: Unix time read once per process, advanced by a
 /// monotonic clock (so every Runner of the process agrees, and time never goes back).
@@ -222,12 +236,10 @@ pub(crate) fn now() -> Instant {
     clock.base_unix + clock.base_std.elapsed()
 }
 
-/// Sends each driver in `wakes` an [`Input::Wake`] (call with the hub unlocked), emptying it.
-fn wake_all(wakes: &mut Vec<SyncSender<Input>>) {
-    for wake in wakes.drain(..) {
-        // Full: the driver has inputs to take, and checks its inbox before each.
-        // Disconnected: it is ending, and closes its link.
-        let _ = wake.try_send(Input::Wake);
+/// Wakes each driver in `wakes` (call with the hub unlocked), emptying it.
+fn wake_all(wakes: &mut Vec<LinkWaker>) {
+    for waker in wakes.drain(..) {
+        waker.wake();
     }
 }
 
@@ -240,20 +252,19 @@ struct HubState {
 
 struct LinkSlot {
     inbox: Vec<Delivery>,
-    pending: Arc<AtomicBool>,
-    wake: SyncSender<Input>,
+    waker: LinkWaker,
 }
 
 impl HubState {
     /// Pumps the broker: deliveries for `own` go straight to `own_inbox`, the others to their
-    /// link's inbox. A link whose inbox was empty gets its `pending` flag set and its driver's
-    /// sender pushed on `wakes`, for the caller to [`wake_all`] once the lock is released.
+    /// link's inbox. A link whose inbox was empty gets its driver's waker pushed on `wakes`,
+    /// for the caller to [`wake_all`] once the lock is released.
     fn pump(
         &mut self,
         now: Instant,
         own: Option<LinkId>,
         own_inbox: &mut Vec<Delivery>,
-        wakes: &mut Vec<SyncSender<Input>>,
+        wakes: &mut Vec<LinkWaker>,
     ) {
         let HubState { hub, links, .. } = self;
         let mut orphans: Vec<DeliveryTag> = Vec::new();
@@ -265,8 +276,7 @@ impl HubState {
             match links.get_mut(d.link.into_raw() as usize).and_then(Option::as_mut) {
                 Some(slot) => {
                     if slot.inbox.is_empty() {
-                        slot.pending.store(true, Ordering::Release);
-                        wakes.push(slot.wake.clone());
+                        wakes.push(slot.waker.clone());
                     }
                     slot.inbox.push(d);
                 }
@@ -292,14 +302,14 @@ impl HubState {
             if let Some(slot) = slot
                 && own.is_none_or(|l| l.into_raw() as usize != i)
             {
-                let _ = slot.wake.try_send(Input::HubDeadline(t));
+                // The driver exchanges with the hub on a wake-up, and learns the deadline.
+                slot.waker.wake();
             }
         }
     }
 
     fn take_inbox(&mut self, link: LinkId, inbox: &mut Vec<Delivery>) {
         if let Some(slot) = self.links.get_mut(link.into_raw() as usize).and_then(Option::as_mut) {
-            slot.pending.store(false, Ordering::Release);
             if inbox.is_empty() {
                 std::mem::swap(inbox, &mut slot.inbox);
             } else {

@@ -16,6 +16,9 @@ use crate::chan::SyncSender;
 use crate::client::{Producer, RpcProxy, ServiceHandle};
 use crate::driver::{self, Driver, Input, StopReport};
 use crate::exporter::MetricsLease;
+use microfw_core::Transport;
+use microfw_core::link::{Connect, LinkSpec, LinkWaker, Links};
+
 use crate::hub::{MemoryHubHandle, now};
 use crate::pool::Pool;
 
@@ -35,7 +38,11 @@ const INPUT_CAPACITY: usize = 4096;
 /// a `greedy_thread` context [`ShutdownMode::DrainPending`], overriding the context's own
 /// setting. Every context gets a fixed pool of `max_workers` OS threads (its budget).
 ///
-/// Only the memory hub transport exists in this crate so far: it does NOT connect to AMQP.
+/// Links: the broker is the process's [`MemoryHubHandle::global`] unless
+/// [`hub`](Self::hub) or [`broker`](Self::broker) names another; WebSocket RPC goes through
+/// the broker link (the memory hub carries it in-process) unless
+/// [`websocket`](Self::websocket) names a WebSocket link.
+///
 /// Only blocking handlers ([`Route::blocking`](microfw_core::Route::blocking),
 /// [`CallbackRoute::blocking`](microfw_core::CallbackRoute::blocking)) run here: an async
 /// handler is a start error naming its route.
@@ -44,7 +51,8 @@ pub struct Runner<S = ()> {
     state: S,
     contexts: Vec<RunnerContext<S>>,
     modes: HashMap<usize, WorkerMode>,
-    hub: Option<MemoryHubHandle>,
+    broker: Option<Box<dyn Connect>>,
+    websocket: Option<Box<dyn Connect>>,
 }
 
 impl Runner<()> {
@@ -57,7 +65,7 @@ impl Runner<()> {
 impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// A runner whose handlers can extract `State<T>` for every `T: FromRef<S>`.
     pub fn with_state(config: Config, state: S) -> Self {
-        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), hub: None }
+        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), broker: None, websocket: None }
     }
 
     /// Adds a context (micro_framework's `Runner(contexts=[...])`); contexts are numbered
@@ -80,19 +88,32 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     }
 
     /// Uses `hub` as the broker (default: [`MemoryHubHandle::global`]).
-    pub fn hub(mut self, hub: MemoryHubHandle) -> Self {
-        self.hub = Some(hub);
+    pub fn hub(self, hub: MemoryHubHandle) -> Self {
+        self.broker(hub)
+    }
+
+    /// Uses the link `connector` opens as the broker (RabbitMQ, or a memory hub).
+    pub fn broker(mut self, connector: impl Connect) -> Self {
+        self.broker = Some(Box::new(connector));
+        self
+    }
+
+    /// Serves and calls WebSocket RPC through the link `connector` opens.
+    pub fn websocket(mut self, connector: impl Connect) -> Self {
+        self.websocket = Some(Box::new(connector));
         self
     }
 
     /// Validates the definition, starts the worker pools and the driver thread, and returns
     /// once every consumer is subscribed.
     pub fn start(self) -> Result<RunningService, StartError> {
-        let Runner { config, state, contexts, modes, hub } = self;
+        let Runner { config, state, contexts, modes, broker, websocket } = self;
         config.validate()?;
-        if config.amqp_uri.is_some() {
-            return Err(StartError::AmqpUnsupported);
-        }
+        let broker = match broker {
+            Some(connector) => connector,
+            None if config.amqp_uri.is_some() => return Err(StartError::AmqpUnsupported),
+            None => Box::new(MemoryHubHandle::global()),
+        };
         let supported = [WorkerMode::Thread, WorkerMode::GreedyThread];
         let (service, ctx_modes) =
             config.plan_service(state, contexts, &modes, &supported).map_err(|e| match e {
@@ -142,40 +163,60 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         let mut extensions = Extensions::new();
         extensions.insert(handle.clone());
         let engine = Engine::new(&spec, config.engine_config(entropy_seed()));
-        let hub = hub.unwrap_or_else(MemoryHubHandle::global);
-        let (link, pending) = hub.open_link(tx);
+        let waker = LinkWaker::new(move || {
+            // Full: the driver has inputs to take, and checks the flag before each.
+            // Disconnected: it is ending, and closes its links.
+            let _ = tx.try_send(Input::Wake);
+        });
+        let links = match open_links(&spec.name, &config, broker, websocket, &waker) {
+            Ok(links) => links,
+            Err(e) => {
+                pools.iter_mut().for_each(|p| drop(p.close()));
+                return Err(e);
+            }
+        };
         let mut driver = Driver {
             engine,
-            hub: hub.clone(),
-            link,
-            pending,
+            links,
+            waker,
             rx,
             route_pool,
             pools,
             extensions,
             calls: HashMap::new(),
             emits: HashMap::new(),
-            ops: Vec::new(),
-            confirms: Vec::new(),
-            inbox: Vec::new(),
-            wakes: Vec::new(),
+            arrivals: Default::default(),
+            lost: Vec::new(),
             outcomes: Vec::new(),
             metrics,
-            hub_deadline: None,
             shutting_down: false,
             stopped: None,
         };
         driver.engine.handle_start(now());
-        driver.turn(); // subscribes every consumer before start returns
-        let thread =
-            std::thread::Builder::new().name(format!("{}-driver", spec.name)).spawn(move || driver.run());
+        driver.turn(); // hands every subscription to its link
+        // ... and waits until each link has declared and started its consumers.
+        let ready = driver.links.barriers().into_iter().try_for_each(|b| b.wait(LINK_SETUP_TIMEOUT));
+        if let Err(reason) = ready {
+            driver.links.close(LINK_SETUP_TIMEOUT);
+            driver.pools.iter_mut().for_each(|p| drop(p.close()));
+            return Err(StartError::Link(reason));
+        }
+        let name = format!("{}-driver", spec.name);
+        let (driver_tx, driver_rx) = std::sync::mpsc::sync_channel::<Driver>(1);
+        let thread = std::thread::Builder::new().name(name).spawn(move || match driver_rx.recv() {
+            Ok(driver) => driver.run(),
+            Err(_) => StopReport { unfinished: 0 },
+        });
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
-                hub.close_link(link);
+                driver.links.close(LINK_SETUP_TIMEOUT);
+                driver.pools.iter_mut().for_each(|p| drop(p.close()));
                 return Err(StartError::Threads(format!("driver: {e}")));
             }
         };
+        // The thread is waiting for it: the send cannot fail.
+        let _ = driver_tx.send(driver);
         tracing::info!(service = %spec.name, "started");
         Ok(RunningService { name: spec.name, handle, thread: Some(thread), metrics: metrics_lease })
     }
@@ -267,6 +308,38 @@ impl Drop for RunningService {
     }
 }
 
+/// How long a link may take to declare and start the service's consumers at start.
+const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the broker link, and the WebSocket link when one is configured (otherwise the
+/// broker link carries WebSocket RPC too).
+fn open_links(
+    service: &str,
+    config: &Config,
+    broker: Box<dyn Connect>,
+    websocket: Option<Box<dyn Connect>>,
+    waker: &LinkWaker,
+) -> Result<Links, StartError> {
+    let spec = |transport| LinkSpec { service: service.to_owned(), transport, config: config.clone() };
+    let mut links = Links::new();
+    let link = broker.connect(&spec(Transport::Broker), waker.clone());
+    let link = link.map_err(|e| StartError::Link(e.to_string()))?;
+    match websocket {
+        None => links.add(&[Transport::Broker, Transport::WebSocket], link),
+        Some(ws) => {
+            links.add(&[Transport::Broker], link);
+            match ws.connect(&spec(Transport::WebSocket), waker.clone()) {
+                Ok(ws) => links.add(&[Transport::WebSocket], ws),
+                Err(e) => {
+                    links.close(LINK_SETUP_TIMEOUT);
+                    return Err(StartError::Link(e.to_string()));
+                }
+            }
+        }
+    }
+    Ok(links)
+}
+
 /// Why a service did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -305,6 +378,10 @@ pub enum StartError {
     /// The service definition is invalid.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// A link (the broker, the WebSocket server) could not be opened, or could not declare
+    /// and start the service's consumers.
+    #[error("link: {0}")]
+    Link(String),
     /// `ENABLE_METRICS` is set but the metrics could not be served: the address cannot be
     /// bound, or another global `metrics` recorder was installed first.
     #[error("metrics: {0}")]

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -18,14 +17,16 @@ use microfw_core::extract::{Extensions, Job};
 use microfw_core::handler::{BoxedHandler, panic_message};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
-    Action, CallError, CallId, Delivery, Dispatch, DispatchId, Engine, EngineEvent, Instant, LinkId, Outcome,
-    OutgoingCall, OutgoingEvent, PublishError, PublishId, RouteId, Severity,
+    Action, CallError, CallId, Dispatch, DispatchId, Engine, EngineEvent, Instant, Outcome, OutgoingCall,
+    OutgoingEvent, PublishError, PublishId, RouteId, Severity, Transport,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::hub::{HubOp, LinkSignal, MemoryHubHandle, now, to_tokio};
+use microfw_core::link::{LinkInbox, LinkWaker, Links};
+
+use crate::hub::{now, to_tokio};
 use crate::pool::{Pool, WorkItem};
 
 /// What the driver's input channel carries.
@@ -38,7 +39,7 @@ pub(crate) enum Input {
     Emit(OutgoingEvent, oneshot::Sender<Result<(), PublishError>>),
     /// Begin a graceful stop.
     Shutdown,
-    /// The inbox on the hub has deliveries.
+    /// A link has arrivals (deliveries, confirms).
     Wake,
 }
 
@@ -87,9 +88,10 @@ pub struct StopReport {
 
 pub(crate) struct Driver<S> {
     pub(crate) engine: Engine,
-    pub(crate) hub: MemoryHubHandle,
-    pub(crate) link: LinkId,
-    pub(crate) signal: Arc<LinkSignal>,
+    /// The service's links (broker, WebSocket), and the routing of link actions to them.
+    pub(crate) links: Links,
+    /// Set by any link when something arrived for this driver.
+    pub(crate) waker: LinkWaker,
     pub(crate) rx: mpsc::Receiver<Input>,
     pub(crate) tx: mpsc::Sender<Input>,
     pub(crate) routes: Vec<RouteExec<S>>,
@@ -100,13 +102,13 @@ pub(crate) struct Driver<S> {
     pub(crate) emits: IdMap<PublishId, oneshot::Sender<Result<(), PublishError>>>,
     /// Async runs that continue as tasks (aborted if the shutdown timeout abandons them).
     pub(crate) tasks: IdMap<DispatchId, AbortHandle>,
-    pub(crate) ops: Vec<HubOp>,
-    pub(crate) confirms: Vec<(PublishId, Result<(), PublishError>)>,
-    pub(crate) inbox: Vec<Delivery>,
+    /// What the links handed over, fed to the Engine in the same turn.
+    pub(crate) arrivals: LinkInbox,
+    /// Transports whose reply queue a link lost.
+    pub(crate) lost: Vec<Transport>,
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was current at start).
     pub(crate) metrics: ServiceMetrics,
-    pub(crate) hub_deadline: Option<Instant>,
     pub(crate) force_exchange: bool,
     pub(crate) shutting_down: bool,
     pub(crate) stopped: Option<usize>,
@@ -141,6 +143,9 @@ impl Hasher for IdHasher {
     }
 }
 
+/// How long a link may take to flush its last operations and close.
+const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
 const INPUT_BATCH: usize = 256;
 /// Passes per turn before the driver yields to the scheduler.
@@ -162,7 +167,7 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let deadline = match (self.engine.poll_timeout(), self.hub_deadline) {
+            let deadline = match (self.engine.poll_timeout(), self.links.deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -193,33 +198,16 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         // One clock read per turn: a turn lasts microseconds.
         let now = now();
         for _ in 0..MAX_PASSES {
-            // The hub first: deliveries that reached the inbox before an input was sent are
-            // fed before that input (a stop does not overtake work already delivered).
-            if !self.ops.is_empty()
-                || self.force_exchange
-                || self.signal.pending()
-                || self.hub_deadline.is_some_and(|t| t <= now)
-            {
-                self.force_exchange = false;
-                self.hub_deadline =
-                    self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+            // The links first: deliveries that arrived before an input was sent are fed
+            // before that input (a stop does not overtake work already delivered).
+            let woken = self.waker.take() || std::mem::take(&mut self.force_exchange);
+            if woken || self.links.has_ops() || self.links.deadline().is_some_and(|t| t <= now) {
+                self.links.exchange(now, woken, &mut self.arrivals, &mut self.lost);
             }
             if self.stopped.is_some() {
                 return false;
             }
-            let mut work = false;
-            if !self.inbox.is_empty() {
-                work = true;
-                for delivery in self.inbox.drain(..) {
-                    self.engine.handle_delivery(now, delivery);
-                }
-            }
-            if !self.confirms.is_empty() {
-                work = true;
-                for (id, result) in self.confirms.drain(..) {
-                    self.engine.handle_publish_result(now, id, result);
-                }
-            }
+            let mut work = self.feed_arrivals(now);
             if !self.outcomes.is_empty() {
                 work = true;
                 let mut outcomes = std::mem::take(&mut self.outcomes);
@@ -251,6 +239,25 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
             if !work {
                 return false;
             }
+        }
+        true
+    }
+
+    /// Feeds what the links handed over to the Engine; true if there was any.
+    fn feed_arrivals(&mut self, now: Instant) -> bool {
+        if self.arrivals.is_empty() && self.lost.is_empty() {
+            return false;
+        }
+        for delivery in self.arrivals.deliveries.drain(..) {
+            self.engine.handle_delivery(now, delivery);
+        }
+        for (id, result) in self.arrivals.confirms.drain(..) {
+            self.engine.handle_publish_result(now, id, result);
+        }
+        self.arrivals.reply_queue_lost = false;
+        for transport in self.lost.drain(..) {
+            tracing::warn!(service = self.engine.service(), ?transport, "the reply queue was lost");
+            self.engine.handle_reply_queue_lost(now, transport);
         }
         true
     }
@@ -287,13 +294,9 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         let mut any = false;
         while let Some(action) = self.engine.poll_action() {
             any = true;
+            let Some(action) = self.links.route(action, &mut self.arrivals) else { continue };
             match action {
-                Action::Subscribe(s) => self.ops.push(HubOp::Subscribe(s)),
-                Action::Unsubscribe { id, .. } => self.ops.push(HubOp::Unsubscribe(id)),
                 Action::Dispatch(d) => self.dispatch(d),
-                Action::Publish(p) => self.ops.push(HubOp::Publish(p)),
-                Action::Ack(d) => self.ops.push(HubOp::Ack(d.tag)),
-                Action::Reject { delivery, requeue } => self.ops.push(HubOp::Reject(delivery.tag, requeue)),
                 Action::Resolve { call, result } => {
                     if let Some(reply) = self.calls.remove(&call) {
                         let _ = reply.send(result);
@@ -312,6 +315,12 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
                     tracing::info!(service = self.engine.service(), unfinished, "stopped");
                     self.stopped = Some(unfinished);
                 }
+                // Routed to a link above.
+                Action::Subscribe(_)
+                | Action::Unsubscribe { .. }
+                | Action::Publish(_)
+                | Action::Ack(_)
+                | Action::Reject { .. } => {}
             }
         }
         any
@@ -366,18 +375,23 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
     async fn finish(mut self) -> StopReport {
         let unfinished = self.stopped.unwrap_or(0);
         let now = now();
-        if !self.ops.is_empty() {
+        if self.links.has_ops() {
             // The last acks, rejects and publishes, before the close returns whatever is left.
-            self.hub.exchange(now, self.link, &mut self.ops, &mut self.confirms, &mut self.inbox);
+            self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
         }
         // The Engine stopped with the events and calls of its last batch still waiting for
         // their confirms: report them, so an event that did go out is not reported as failed
         // (its Producer would otherwise see ShuttingDown and might publish it again).
-        for (id, result) in std::mem::take(&mut self.confirms) {
+        // Deliveries that arrived meanwhile are not fed: the close returns them.
+        for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
             self.engine.handle_publish_result(now, id, result);
         }
+        self.arrivals.deliveries.clear();
         self.drain_actions();
-        self.hub.close_link(self.link);
+        // Closing may wait for the IO side to flush (a broker link): off the reactor.
+        let mut links = std::mem::take(&mut self.links);
+        let timeout = LINK_CLOSE_TIMEOUT;
+        let _ = tokio::task::spawn_blocking(move || links.close(timeout)).await;
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();
         self.emits.clear();

@@ -9,15 +9,12 @@
 //! neither dropped nor waited for under the lock; the inbox is bounded by the prefetch of
 //! the link's consumers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use microfw_core::link::{ConnectAsync, ConnectFuture, Link, LinkInbox, LinkOp, LinkSpec, LinkWaker};
 use microfw_core::memory::MemoryHub;
 use microfw_core::{Delivery, DeliveryTag, Instant, LinkId, PublishError, PublishId};
-use tokio::sync::mpsc;
-
-use crate::driver::Input;
 
 /// A handle on an in-process broker shared by Runners (cheap to clone).
 ///
@@ -65,16 +62,15 @@ impl MemoryHubHandle {
         self.with(|h| h.broker().queue_len(name))
     }
 
-    pub(crate) fn open_link(&self, wake: mpsc::Sender<Input>) -> (LinkId, Arc<LinkSignal>) {
-        let signal = Arc::new(LinkSignal { wake, pending: AtomicBool::new(false) });
+    pub(crate) fn open_link(&self, waker: LinkWaker) -> LinkId {
         let mut state = self.lock();
         let id = state.hub.open_link();
         let index = id.into_raw() as usize;
         if state.links.len() <= index {
             state.links.resize_with(index + 1, || None);
         }
-        state.links[index] = Some(LinkSlot { inbox: Vec::new(), signal: signal.clone() });
-        (id, signal)
+        state.links[index] = Some(LinkSlot { inbox: Vec::new(), waker });
+        id
     }
 
     /// Closes `link`: its unacked deliveries (including any still in its inbox) return to
@@ -98,7 +94,7 @@ impl MemoryHubHandle {
         &self,
         now: Instant,
         link: LinkId,
-        ops: &mut Vec<HubOp>,
+        ops: &mut Vec<LinkOp>,
         confirms: &mut Vec<(PublishId, Result<(), PublishError>)>,
         inbox: &mut Vec<Delivery>,
     ) -> Option<Instant> {
@@ -110,7 +106,6 @@ impl MemoryHubHandle {
         }
         state.pump(now, Some(link), inbox);
         if let Some(slot) = state.links.get_mut(link.into_raw() as usize).and_then(Option::as_mut) {
-            slot.signal.pending.store(false, Ordering::Release);
             if inbox.is_empty() {
                 std::mem::swap(inbox, &mut slot.inbox);
             } else {
@@ -140,21 +135,28 @@ impl std::fmt::Debug for MemoryHubHandle {
     }
 }
 
-pub(crate) use microfw_core::link::LinkOp as HubOp;
-
-/// How a link's driver learns that its inbox has deliveries: `pending` is set, and an
-/// [`Input::Wake`] is sent on its input channel when the inbox was empty. If that channel is
-/// full the wake is dropped: the driver is busy with those inputs and checks `pending` after
-/// each batch.
-#[derive(Debug)]
-pub(crate) struct LinkSignal {
-    wake: mpsc::Sender<Input>,
-    pending: AtomicBool,
+/// One Runner's link on a [`MemoryHubHandle`].
+pub(crate) struct HubLink {
+    hub: MemoryHubHandle,
+    id: LinkId,
 }
 
-impl LinkSignal {
-    pub(crate) fn pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
+impl Link for HubLink {
+    fn exchange(&mut self, now: Instant, ops: &mut Vec<LinkOp>, inbox: &mut LinkInbox) -> Option<Instant> {
+        self.hub.exchange(now, self.id, ops, &mut inbox.confirms, &mut inbox.deliveries)
+    }
+
+    fn close(&mut self, _timeout: Duration) {
+        self.hub.close_link(self.id);
+    }
+}
+
+impl ConnectAsync for MemoryHubHandle {
+    /// Opens a link on this hub (never fails, never waits).
+    fn connect(self: Box<Self>, _spec: LinkSpec, waker: LinkWaker) -> ConnectFuture {
+        let id = self.open_link(waker);
+        let link: Box<dyn Link> = Box::new(HubLink { hub: *self, id });
+        Box::pin(std::future::ready(Ok(link)))
     }
 }
 
@@ -196,7 +198,7 @@ struct HubState {
 
 struct LinkSlot {
     inbox: Vec<Delivery>,
-    signal: Arc<LinkSignal>,
+    waker: LinkWaker,
 }
 
 impl HubState {
@@ -212,7 +214,7 @@ impl HubState {
             if let Some(slot) = slot
                 && own.is_none_or(|l| l.into_raw() as usize != i)
             {
-                let _ = slot.signal.wake.try_send(Input::Wake);
+                slot.waker.wake();
             }
         }
     }
@@ -230,8 +232,7 @@ impl HubState {
             match links.get_mut(d.link.into_raw() as usize).and_then(Option::as_mut) {
                 Some(slot) => {
                     if slot.inbox.is_empty() {
-                        slot.signal.pending.store(true, Ordering::Release);
-                        let _ = slot.signal.wake.try_send(Input::Wake);
+                        slot.waker.wake();
                     }
                     slot.inbox.push(d);
                 }
@@ -252,8 +253,8 @@ mod tests {
 
     use super::*;
 
-    fn subscribe() -> HubOp {
-        HubOp::Subscribe(Subscribe {
+    fn subscribe() -> LinkOp {
+        LinkOp::Subscribe(Subscribe {
             id: SubscriptionId::from_raw(1),
             transport: Transport::Broker,
             source: Source::Event {
@@ -268,8 +269,8 @@ mod tests {
         })
     }
 
-    fn publish(id: u64) -> HubOp {
-        HubOp::Publish(Publish {
+    fn publish(id: u64) -> LinkOp {
+        LinkOp::Publish(Publish {
             id: PublishId::from_raw(id),
             transport: Transport::Broker,
             destination: Destination::Event {
@@ -285,10 +286,13 @@ mod tests {
     #[test]
     fn a_publish_lands_in_the_subscriber_inbox_and_wakes_it_once() {
         let hub = MemoryHubHandle::new();
-        let (tx_a, mut rx_a) = mpsc::channel(8);
-        let (tx_b, _rx_b) = mpsc::channel(8);
-        let (a, signal_a) = hub.open_link(tx_a);
-        let (b, _) = hub.open_link(tx_b);
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = wakes.clone();
+        let waker_a = LinkWaker::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        let a = hub.open_link(waker_a.clone());
+        let b = hub.open_link(LinkWaker::noop());
         let (mut confirms, mut inbox) = (Vec::new(), Vec::new());
         hub.exchange(now(), a, &mut vec![subscribe()], &mut confirms, &mut inbox);
         assert!(inbox.is_empty() && confirms.is_empty());
@@ -297,14 +301,14 @@ mod tests {
         assert_eq!(confirms.len(), 2);
         assert!(confirms.iter().all(|(_, r)| r.is_ok()));
         assert!(inbox.is_empty(), "the deliveries are a's, not b's");
-        assert!(signal_a.pending());
-        assert!(matches!(rx_a.try_recv(), Ok(Input::Wake)));
-        assert!(rx_a.try_recv().is_err(), "one wake for a batch");
+        assert!(waker_a.is_pending());
+        assert_eq!(wakes.load(std::sync::atomic::Ordering::Relaxed), 1, "one wake for a batch");
+        assert!(waker_a.take());
 
         hub.exchange(now(), a, &mut Vec::new(), &mut confirms, &mut inbox);
         assert_eq!(inbox.len(), 2);
         assert!(inbox.iter().all(|d| d.link == a));
-        assert!(!signal_a.pending());
+        assert!(!waker_a.is_pending());
         assert_eq!(hub.with(|h| h.broker().unacked_len("evt-src-e--svc.h")), Some(2));
 
         // Closing the link returns what it left unacked.

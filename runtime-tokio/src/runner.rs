@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use microfw_core::config::{Config, ConfigError, ModeError, WorkerMode};
 use microfw_core::extract::Extensions;
+use microfw_core::link::{ConnectAsync, LinkSpec, LinkWaker, Links};
 use microfw_core::metrics::ServiceMetrics;
-use microfw_core::{BuildError, Engine, RunnerContext};
+use microfw_core::{BuildError, Engine, RunnerContext, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -28,14 +29,19 @@ const INPUT_CAPACITY: usize = 4096;
 /// overrides it, with its own budget ([`RunnerContext::new`]); `PREFETCH_COUNT`, when set,
 /// becomes every context's prefetch (never below its budget). `thread` contexts get [`ShutdownMode::FinishRunning`] and `greedy_thread`
 /// contexts [`ShutdownMode::DrainPending`] (overriding the context's own setting); `async`
-/// contexts keep theirs. Only the memory hub transport exists in this crate so far: it does
-/// NOT connect to AMQP even if the config names a URI.
+/// contexts keep theirs.
+///
+/// Links: the broker is the process's [`MemoryHubHandle::global`] unless
+/// [`hub`](Self::hub) or [`broker`](Self::broker) names another; WebSocket RPC goes through
+/// the broker link (the memory hub carries it in-process) unless
+/// [`websocket`](Self::websocket) names a WebSocket link.
 pub struct Runner<S = ()> {
     config: Config,
     state: S,
     contexts: Vec<RunnerContext<S>>,
     modes: HashMap<usize, WorkerMode>,
-    hub: Option<MemoryHubHandle>,
+    broker: Option<Box<dyn ConnectAsync>>,
+    websocket: Option<Box<dyn ConnectAsync>>,
 }
 
 impl Runner<()> {
@@ -48,7 +54,7 @@ impl Runner<()> {
 impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// A runner whose handlers can extract `State<T>` for every `T: FromRef<S>`.
     pub fn with_state(config: Config, state: S) -> Self {
-        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), hub: None }
+        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), broker: None, websocket: None }
     }
 
     /// Adds a context (micro_framework's `Runner(contexts=[...])`); contexts are numbered
@@ -71,8 +77,19 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     }
 
     /// Uses `hub` as the broker (default: [`MemoryHubHandle::global`]).
-    pub fn hub(mut self, hub: MemoryHubHandle) -> Self {
-        self.hub = Some(hub);
+    pub fn hub(self, hub: MemoryHubHandle) -> Self {
+        self.broker(hub)
+    }
+
+    /// Uses the link `connector` opens as the broker (RabbitMQ, or a memory hub).
+    pub fn broker(mut self, connector: impl ConnectAsync) -> Self {
+        self.broker = Some(Box::new(connector));
+        self
+    }
+
+    /// Serves and calls WebSocket RPC through the link `connector` opens.
+    pub fn websocket(mut self, connector: impl ConnectAsync) -> Self {
+        self.websocket = Some(Box::new(connector));
         self
     }
 
@@ -88,11 +105,13 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// process; a foreign global recorder is a [`StartError::Metrics`]) and serves `/metrics`
     /// on `METRICS.HOST:METRICS.PORT` (see [`RunningService::metrics_addr`]).
     pub async fn start(self) -> Result<RunningService, StartError> {
-        let Runner { config, state, contexts, modes, hub } = self;
+        let Runner { config, state, contexts, modes, broker, websocket } = self;
         config.validate()?;
-        if config.amqp_uri.is_some() {
-            return Err(StartError::AmqpUnsupported);
-        }
+        let broker = match broker {
+            Some(connector) => connector,
+            None if config.amqp_uri.is_some() => return Err(StartError::AmqpUnsupported),
+            None => Box::new(MemoryHubHandle::global()),
+        };
         let supported = [WorkerMode::Async, WorkerMode::Thread, WorkerMode::GreedyThread];
         let (service, ctx_modes) =
             config.plan_service(state, contexts, &modes, &supported).map_err(|e| match e {
@@ -148,13 +167,18 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         let mut extensions = Extensions::new();
         extensions.insert(handle.clone());
         let engine = Engine::new(&spec, config.engine_config(entropy_seed()));
-        let hub = hub.unwrap_or_else(MemoryHubHandle::global);
-        let (link, signal) = hub.open_link(tx.clone());
+        let waker = {
+            let tx = tx.clone();
+            // A dropped wake-up (full channel) is fine: the driver checks the flag each pass.
+            LinkWaker::new(move || {
+                let _ = tx.try_send(Input::Wake);
+            })
+        };
+        let links = open_links(&spec.name, &config, broker, websocket, &waker).await?;
         let mut driver = Driver {
             engine,
-            hub,
-            link,
-            signal,
+            links,
+            waker,
             rx,
             tx,
             routes,
@@ -164,19 +188,29 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             calls: Default::default(),
             emits: Default::default(),
             tasks: Default::default(),
-            ops: Vec::new(),
-            confirms: Vec::new(),
-            inbox: Vec::new(),
+            arrivals: Default::default(),
+            lost: Vec::new(),
             outcomes: Vec::new(),
             metrics,
-            hub_deadline: None,
             force_exchange: false,
             shutting_down: false,
             stopped: None,
             received: None,
         };
         driver.engine.handle_start(now());
-        driver.turn(); // subscribes every consumer before start returns
+        driver.turn(); // hands every subscription to its link
+        // ... and waits until each link has declared and started its consumers.
+        let barriers = driver.links.barriers();
+        let ready = tokio::task::spawn_blocking(move || {
+            barriers.into_iter().try_for_each(|b| b.wait(LINK_SETUP_TIMEOUT))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(reason) = ready {
+            let mut links = std::mem::take(&mut driver.links);
+            let _ = tokio::task::spawn_blocking(move || links.close(LINK_SETUP_TIMEOUT)).await;
+            return Err(StartError::Link(reason));
+        }
         tracing::info!(service = %spec.name, "started");
         let task = tokio::spawn(driver.run());
         Ok(RunningService { name: spec.name, handle, task: Some(task), metrics: metrics_lease })
@@ -262,6 +296,39 @@ impl Drop for RunningService {
     }
 }
 
+/// How long a link may take to declare and start the service's consumers at start.
+const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the broker link, and the WebSocket link when one is configured (otherwise the
+/// broker link carries WebSocket RPC too).
+async fn open_links(
+    service: &str,
+    config: &Config,
+    broker: Box<dyn ConnectAsync>,
+    websocket: Option<Box<dyn ConnectAsync>>,
+    waker: &LinkWaker,
+) -> Result<Links, StartError> {
+    let spec = |transport| LinkSpec { service: service.to_owned(), transport, config: config.clone() };
+    let mut links = Links::new();
+    let link = broker.connect(spec(Transport::Broker), waker.clone()).await;
+    let link = link.map_err(|e| StartError::Link(e.to_string()))?;
+    match websocket {
+        None => links.add(&[Transport::Broker, Transport::WebSocket], link),
+        Some(ws) => {
+            links.add(&[Transport::Broker], link);
+            let ws = ws.connect(spec(Transport::WebSocket), waker.clone()).await;
+            match ws {
+                Ok(ws) => links.add(&[Transport::WebSocket], ws),
+                Err(e) => {
+                    tokio::task::spawn_blocking(move || links.close(LINK_SETUP_TIMEOUT)).await.ok();
+                    return Err(StartError::Link(e.to_string()));
+                }
+            }
+        }
+    }
+    Ok(links)
+}
+
 /// Why a service did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -297,6 +364,10 @@ pub enum StartError {
     /// The service definition is invalid.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// A link (the broker, the WebSocket server) could not be opened, or could not declare
+    /// and start the service's consumers.
+    #[error("link: {0}")]
+    Link(String),
     /// A worker thread could not be started.
     #[error("cannot start worker threads: {0}")]
     Threads(String),

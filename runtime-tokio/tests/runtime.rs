@@ -355,7 +355,8 @@ async fn bad_configurations_are_refused_at_start() {
     assert_eq!(unnamed, StartError::Config(ConfigError::Missing("SERVICE_NAME")));
     let mut amqp = config("svc", "async");
     amqp.amqp_uri = Some(AmqpUri::new("amqp://guest:guest@127.0.0.1:5672/").unwrap());
-    assert_eq!(start(amqp).await.unwrap_err(), StartError::AmqpUnsupported);
+    // An explicit broker wins over the config's URI; without one the URI must be served.
+    assert_eq!(Runner::new(amqp).start().await.unwrap_err(), StartError::AmqpUnsupported);
 
     let blocking_in_async = Runner::new(config("svc", "async"))
         .context(RunnerContext::new(1).route(Route::blocking(RpcListener::new(), "slow", noop_blocking)))
