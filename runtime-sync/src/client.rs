@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use microfw_core::client::{decode_result, encode_arguments, encode_payload};
 use microfw_core::extract::{FromJobParts, JobParts};
+use microfw_core::targets::{GET_TARGET, LIST_TARGETS};
 use microfw_core::worker_context::WorkerContext;
 use microfw_core::{
     CallError, Dialect, OutgoingCall, OutgoingEvent, Rejection, RejectionStage, RemoteError, Transport,
 };
+pub use microfw_transport_ws::TargetDetail;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -133,6 +135,21 @@ impl RpcProxy {
         let (reply, rx) = chan::sync_channel(1);
         self.handle.tx.send(Input::Call(call, reply)).map_err(|_| CallError::ShuttingDown)?;
         Ok(PendingCall(rx))
+    }
+
+    /// Lists the RPC targets of `service` with their parameter names and docs
+    /// (micro_framework's `__list_targets__`). The listing exists only in the micro_framework
+    /// dialect, so this call speaks it whatever [`dialect`](Self::dialect) says: the service
+    /// must serve that dialect (a micro_framework service, or a microfw service with an
+    /// `RpcListener` in it). A Nameko service has no listing and answers `MethodNotFound`.
+    pub fn targets(&self, service: &str) -> Result<Vec<TargetDetail>, RpcError> {
+        self.clone().dialect(Dialect::MicroFramework).call_as(service, LIST_TARGETS, (), ())
+    }
+
+    /// Describes one RPC target of `service` (micro_framework's `__get_target__`); same
+    /// dialect rule as [`targets`](Self::targets). An unknown target is a remote `KeyError`.
+    pub fn target(&self, service: &str, target: &str) -> Result<TargetDetail, RpcError> {
+        self.clone().dialect(Dialect::MicroFramework).call_as(service, GET_TARGET, [target], ())
     }
 
     fn outgoing(

@@ -64,7 +64,7 @@
 //! `microfw-runtime-tokio` for those. No `process` worker mode (refused at start: not
 //! supported yet). No AMQP or WebSocket links yet: the only transport is the in-process memory
 //! hub (shared by every Runner of a process by default); a config with `AMQP_URI` is refused
-//! at start. No RPC target listing. It does not read the environment or a config
+//! at start. It does not read the environment or a config
 //! file itself: build the [`Config`] (see
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in.
 #![warn(missing_docs)]
@@ -77,7 +77,7 @@ mod hub;
 mod pool;
 mod runner;
 
-pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy};
+pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy, TargetDetail};
 pub use driver::StopReport;
 pub use hub::MemoryHubHandle;
 pub use runner::{RunError, Runner, RunningService, StartError, StopError};

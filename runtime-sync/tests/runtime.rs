@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use microfw_runtime_sync::extract::{Attempt, Context, Failure, Params, Payload, State};
 use microfw_runtime_sync::{
-    CallError, CallbackRoute, Config, EventListener, HandlerError, MemoryHubHandle, Producer, Reply,
-    RetryPolicy, Route, RpcError, RpcListener, RpcProxy, Runner, RunnerContext, StartError, TimeEntrypoint,
-    WorkerMode,
+    CallError, CallbackRoute, Config, Dialect, EventListener, HandlerError, MemoryHubHandle, Producer, Reply,
+    RetryPolicy, Route, RpcError, RpcListener, RpcProxy, Runner, RunnerContext, StartError, TargetDetail,
+    TimeEntrypoint, WorkerMode,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -105,6 +105,38 @@ fn math_service(hub: &MemoryHubHandle, release: Receiver<()>) -> microfw_runtime
         )
         .start()
         .unwrap()
+}
+
+#[test]
+fn targets_list_the_parameter_names_and_docs_of_a_micro_framework_service() {
+    #[derive(Deserialize)]
+    struct Scale {
+        #[allow(dead_code)]
+        value: f64,
+        #[serde(default)]
+        #[allow(dead_code)]
+        factor: Option<f64>,
+    }
+    fn scale(Params(_): Params<Scale>) {}
+    let hub = MemoryHubHandle::new();
+    let mf = || RpcListener::new().dialect(Dialect::MicroFramework);
+    let svc = Runner::new(config("mfmath"))
+        .hub(hub.clone())
+        .context(RunnerContext::new(1).route(Route::blocking(mf(), "scale", scale).doc("Scales a value.")))
+        .start()
+        .unwrap();
+    let caller = Runner::new(config("caller")).hub(hub.clone()).start().unwrap();
+    let rpc = caller.rpc();
+    let detail = TargetDetail::new("scale", ["value"], ["factor"], Some("Scales a value.".into()));
+    assert_eq!(rpc.targets("mfmath"), Ok(vec![detail.clone()]));
+    assert_eq!(rpc.target("mfmath", "scale"), Ok(detail));
+    match rpc.target("mfmath", "nope") {
+        Err(RpcError::Call(CallError::Remote(e))) => assert_eq!(e.exc_type, "KeyError"),
+        other => panic!("expected a KeyError, got {other:?}"),
+    }
+    for s in [caller, svc] {
+        assert_eq!(s.stop().unwrap().unfinished, 0);
+    }
 }
 
 #[test]

@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use microfw_core::client::{decode_result, encode_arguments, encode_payload};
 use microfw_core::extract::{FromJobParts, JobParts};
+use microfw_core::targets::{GET_TARGET, LIST_TARGETS};
 use microfw_core::worker_context::WorkerContext;
 use microfw_core::{
     CallError, Dialect, OutgoingCall, OutgoingEvent, Rejection, RejectionStage, RemoteError, Transport,
 };
+pub use microfw_transport_ws::TargetDetail;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -154,13 +156,7 @@ impl RpcProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> impl Future<Output = Result<PendingCall, RpcError>> + Send + 'static {
-        let call = self.outgoing(service, method, args, kwargs);
-        let tx = self.handle.tx.clone();
-        async move {
-            let (reply, rx) = oneshot::channel();
-            tx.send(Input::Call(call?, reply)).await.map_err(|_| CallError::ShuttingDown)?;
-            Ok(PendingCall(rx))
-        }
+        send(self.handle.tx.clone(), self.outgoing(service, method, args, kwargs))
     }
 
     /// [`call`](Self::call) for blocking handlers (`thread` worker modes), waiting on the
@@ -177,6 +173,44 @@ impl RpcProxy {
         let (reply, rx) = oneshot::channel();
         self.handle.tx.blocking_send(Input::Call(call, reply)).map_err(|_| CallError::ShuttingDown)?;
         PendingCall(rx).wait_blocking()
+    }
+
+    /// Lists the RPC targets of `service` with their parameter names and docs
+    /// (micro_framework's `__list_targets__`). The listing exists only in the micro_framework
+    /// dialect, so this call speaks it whatever [`dialect`](Self::dialect) says: the service
+    /// must serve that dialect (a micro_framework service, or a microfw service with an
+    /// `RpcListener` in it). A Nameko service has no listing and answers `MethodNotFound`.
+    pub fn targets(
+        &self,
+        service: &str,
+    ) -> impl Future<Output = Result<Vec<TargetDetail>, RpcError>> + Send + 'static {
+        self.listing(service, LIST_TARGETS, Vec::new())
+    }
+
+    /// Describes one RPC target of `service` (micro_framework's `__get_target__`); same
+    /// dialect rule as [`targets`](Self::targets). An unknown target is a remote `KeyError`.
+    pub fn target(
+        &self,
+        service: &str,
+        target: &str,
+    ) -> impl Future<Output = Result<TargetDetail, RpcError>> + Send + 'static {
+        self.listing(service, GET_TARGET, vec![Value::String(target.to_owned())])
+    }
+
+    /// Sends one of micro_framework's internal commands and decodes its answer.
+    fn listing<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        command: &str,
+        args: Vec<Value>,
+    ) -> impl Future<Output = Result<T, RpcError>> + Send + 'static {
+        let mut call = self.outgoing(service, command, (), ());
+        if let Ok(call) = &mut call {
+            call.dialect = Dialect::MicroFramework;
+            call.args = args;
+        }
+        let sent = send(self.handle.tx.clone(), call);
+        async move { decode_result(sent.await?.await?) }
     }
 
     fn outgoing(
@@ -198,6 +232,16 @@ impl RpcProxy {
             dialect: self.dialect,
         })
     }
+}
+
+/// Hands `call` to the driver; resolves to the call's reply, to be awaited.
+async fn send(
+    tx: mpsc::Sender<Input>,
+    call: Result<OutgoingCall, RpcError>,
+) -> Result<PendingCall, RpcError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Input::Call(call?, reply)).await.map_err(|_| CallError::ShuttingDown)?;
+    Ok(PendingCall(rx))
 }
 
 impl<S> FromJobParts<S> for RpcProxy {

@@ -73,7 +73,7 @@
 //!
 //! No AMQP or WebSocket links yet: the only transport is the in-process memory hub (shared by
 //! every Runner of a process by default); a config with `AMQP_URI` is refused at start. No
-//! `process` worker mode (refused at start), no RPC target listing. It does not
+//! `process` worker mode (refused at start). It does not
 //! read the environment or a config file: build the [`Config`] (for example with
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in. It decides
 //! nothing the Engine decides (retries, acks, deadlines): it carries out actions and reports
@@ -87,7 +87,7 @@ mod hub;
 mod pool;
 mod runner;
 
-pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy};
+pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy, TargetDetail};
 pub use driver::StopReport;
 pub use hub::MemoryHubHandle;
 pub use microfw_core::config::{Config, ConfigError, WorkerMode};

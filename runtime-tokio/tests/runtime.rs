@@ -9,9 +9,9 @@ use microfw_core::config::AmqpUri;
 use microfw_runtime_tokio::TimeEntrypoint;
 use microfw_runtime_tokio::extract::{Failure, Params, Payload, State};
 use microfw_runtime_tokio::{
-    CallError, CallbackRoute, Config, ConfigError, EventListener, HandlerError, MemoryHubHandle, Producer,
-    Reply, RetryPolicy, Route, RpcError, RpcListener, RpcProxy, Runner, RunnerContext, RunningService,
-    StartError, WorkerMode,
+    CallError, CallbackRoute, Config, ConfigError, Dialect, EventListener, HandlerError, MemoryHubHandle,
+    Producer, Reply, RetryPolicy, Route, RpcError, RpcListener, RpcProxy, Runner, RunnerContext,
+    RunningService, StartError, TargetDetail, WorkerMode,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -188,6 +188,41 @@ async fn rpc_between_runners_with_args_errors_and_timeouts() {
     assert_eq!(rpc.call("calc", "stuck", (), ()).await, Ok(json!("released")));
 
     for s in [caller, proxy, calc] {
+        assert_eq!(s.stop().await.unwrap().unfinished, 0);
+    }
+}
+
+#[tokio::test]
+async fn targets_list_the_parameter_names_and_docs_of_a_micro_framework_service() {
+    let hub = MemoryHubHandle::new();
+    let mf = || RpcListener::new().dialect(Dialect::MicroFramework);
+    let calc =
+        Runner::new(config("mfcalc", "async"))
+            .context(
+                RunnerContext::new(2)
+                    .route(Route::new(mf(), "add", add).doc("Adds a and b."))
+                    .route(Route::new(mf(), "fail", fail)),
+            )
+            .hub(hub.clone())
+            .start()
+            .await
+            .unwrap();
+    let caller = client(&hub, "caller").await;
+    let rpc = caller.rpc();
+    let targets = rpc.targets("mfcalc").await.unwrap();
+    let add_detail = TargetDetail::new("add", ["a", "b"], Vec::<String>::new(), Some("Adds a and b.".into()));
+    assert_eq!(targets, vec![add_detail.clone(), TargetDetail::new("fail", [""; 0], [""; 0], None)]);
+    assert_eq!(rpc.target("mfcalc", "add").await, Ok(add_detail));
+    match rpc.target("mfcalc", "nope").await {
+        Err(RpcError::Call(CallError::Remote(e))) => assert_eq!(e.exc_type, "KeyError"),
+        other => panic!("expected a KeyError, got {other:?}"),
+    }
+    // The proxy's own dialect is untouched: calls still speak Nameko.
+    assert!(matches!(
+        rpc.call("mfcalc", "add", (1, 2), ()).await,
+        Err(RpcError::Call(CallError::UnknownService(_)))
+    ));
+    for s in [caller, calc] {
         assert_eq!(s.stop().await.unwrap().unfinished, 0);
     }
 }
