@@ -136,8 +136,10 @@ pub(crate) struct Session {
     /// The source of every subscription ever started (retries and dead letters name them).
     sources: HashMap<SubscriptionId, Source>,
     consumers: HashMap<u32, ConsumerChannel>,
-    /// Exchanges (`e:`) and queues (`q:`) declared on the current connection.
-    declared: HashSet<String>,
+    /// Exchanges declared on the current connection.
+    declared_exchanges: HashSet<String>,
+    /// Queues declared on the current connection.
+    declared_queues: HashSet<String>,
     /// Exchanges that exist with other flags than ours: declared passively.
     adopted: HashSet<String>,
     /// Subscription failures since the last barrier.
@@ -164,7 +166,8 @@ impl Session {
             subs: BTreeMap::new(),
             sources: HashMap::new(),
             consumers: HashMap::new(),
-            declared: HashSet::new(),
+            declared_exchanges: HashSet::new(),
+            declared_queues: HashSet::new(),
             adopted: HashSet::new(),
             failures: Vec::new(),
             queue: VecDeque::new(),
@@ -239,7 +242,9 @@ impl Session {
         let mut publishes = Vec::new();
         let mut settles = Vec::new();
         let mut done = 0;
-        while done < MAX_BATCH && !self.is_down() {
+        // A loss noticed midway is handled where it shows: unsent publishes are queued again,
+        // subscriptions are restored, barriers wait, settlements of the old channels are moot.
+        while done < MAX_BATCH {
             let Some(Queued { item, at }) = self.queue.pop_front() else { break };
             done += 1;
             match item {
@@ -304,7 +309,8 @@ impl Session {
         warn!(uri = %self.setup.redacted, "AMQP connection lost; reconnecting");
         self.live = None;
         self.consumers.clear();
-        self.declared.clear();
+        self.declared_exchanges.clear();
+        self.declared_queues.clear();
         for sub in self.subs.values_mut() {
             sub.running = None;
             sub.consumer_tags.clear();
@@ -710,7 +716,7 @@ impl Session {
                 return Err(DeclareError(text));
             }
         }
-        self.declared.insert(format!("e:{}", ex.name));
+        self.declared_exchanges.insert(ex.name.clone());
         Ok(())
     }
 
@@ -729,7 +735,7 @@ impl Session {
             self.reopen_declare().await;
             return Err(DeclareError(text));
         }
-        self.declared.insert(format!("q:{}", q.name));
+        self.declared_queues.insert(q.name.clone());
         Ok(())
     }
 
@@ -833,13 +839,9 @@ impl Session {
             exchanges: needs
                 .exchanges
                 .into_iter()
-                .filter(|e| !self.declared.contains(&format!("e:{}", e.name)))
+                .filter(|e| !self.declared_exchanges.contains(&e.name))
                 .collect(),
-            queues: needs
-                .queues
-                .into_iter()
-                .filter(|q| !self.declared.contains(&format!("q:{}", q.name)))
-                .collect(),
+            queues: needs.queues.into_iter().filter(|q| !self.declared_queues.contains(&q.name)).collect(),
             bindings: needs.bindings,
             consume: Vec::new(),
         };
@@ -865,7 +867,8 @@ impl Session {
         warn!("the AMQP publish channel closed; reopening it");
         match self.open_publish_channel(&live.conn).await {
             Ok((channel, confirms)) => {
-                self.declared.clear();
+                self.declared_exchanges.clear();
+                self.declared_queues.clear();
                 if let Some(live) = &mut self.live {
                     live.publish = channel;
                     live.confirms = confirms;
