@@ -177,9 +177,10 @@ impl Session {
 
     /// The first connection: its failure is the link's.
     pub(crate) async fn connect_first(&mut self) -> Result<(), LinkError> {
-        self.open_live()
+        let live = connect_live(self.setup.clone(), self.shared.clone(), self.in_flight.clone())
             .await
             .map_err(|reason| LinkError::Connect { transport: self.setup.redacted.clone(), reason })?;
+        self.live = Some(live);
         info!(uri = %self.setup.redacted, "AMQP link connected");
         Ok(())
     }
@@ -319,32 +320,6 @@ impl Session {
 
     // ---- connecting ----------------------------------------------------------------------
 
-    /// Connects and opens the declaring and publishing channels.
-    async fn open_live(&mut self) -> Result<(), String> {
-        let setup = self.setup.clone();
-        let connect = Connection::connect_uri(setup.uri.clone(), setup.properties.clone());
-        let conn = match tokio::time::timeout(setup.tuning.connect_timeout, connect).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(setup.scrub(e)),
-            Err(_) => return Err(format!("no connection within {:?}", setup.tuning.connect_timeout)),
-        };
-        let declare = conn.create_channel().await.map_err(|e| setup.scrub(e))?;
-        let (publish, confirms) = self.open_publish_channel(&conn).await.map_err(|e| setup.scrub(e))?;
-        self.live = Some(Live { conn, declare, publish, confirms });
-        Ok(())
-    }
-
-    async fn open_publish_channel(
-        &self,
-        conn: &Connection,
-    ) -> Result<(Channel, mpsc::UnboundedSender<(PublishId, PublisherConfirm)>), lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect_confirms(rx, self.shared.clone(), self.in_flight.clone()));
-        Ok((channel, tx))
-    }
-
     /// Reconnects with backoff, restoring every subscription. Operations handed over
     /// meanwhile are queued; publishes among them fail once they waited
     /// [`publish_wait`](super::AmqpConnector::publish_wait).
@@ -375,8 +350,27 @@ impl Session {
                 }
             }
             attempt += 1;
-            match self.open_live().await {
-                Ok(()) => {
+            // The attempt may take up to the connect timeout: keep taking commands and
+            // expiring publishes meanwhile.
+            let connecting = connect_live(self.setup.clone(), self.shared.clone(), self.in_flight.clone());
+            tokio::pin!(connecting);
+            let result = loop {
+                tokio::select! {
+                    result = &mut connecting => break result,
+                    _ = tokio::time::sleep(HEALTH_TICK) => self.expire_publishes(),
+                    command = self.commands.recv() => match command {
+                        Some(command) => self.enqueue(command),
+                        None => {
+                            self.close_while_down();
+                            return Flow::Closed;
+                        }
+                    },
+                }
+            };
+            delay = (delay * 2).min(tuning.reconnect_max);
+            match result {
+                Ok(live) => {
+                    self.live = Some(live);
                     if self.restore().await {
                         info!(uri = %self.setup.redacted, attempt, "AMQP link reconnected");
                         return Flow::Continue;
@@ -384,11 +378,9 @@ impl Session {
                     self.lost();
                 }
                 Err(e) => {
-                    warn!(uri = %self.setup.redacted, attempt, error = %e, retry_in = ?delay.min(tuning.reconnect_max),
-                        "AMQP reconnect failed");
+                    warn!(uri = %self.setup.redacted, attempt, error = %e, retry_in = ?delay, "AMQP reconnect failed");
                 }
             }
-            delay = (delay * 2).min(tuning.reconnect_max);
         }
     }
 
@@ -865,7 +857,7 @@ impl Session {
             return false;
         }
         warn!("the AMQP publish channel closed; reopening it");
-        match self.open_publish_channel(&live.conn).await {
+        match open_publish_channel(&live.conn, self.shared.clone(), self.in_flight.clone()).await {
             Ok((channel, confirms)) => {
                 self.declared_exchanges.clear();
                 self.declared_queues.clear();
@@ -933,6 +925,37 @@ impl InFlight {
             self.zero.notify_waiters();
         }
     }
+}
+
+/// Connects and opens the declaring and publishing channels.
+async fn connect_live(
+    setup: Arc<Setup>,
+    shared: Arc<Shared>,
+    in_flight: Arc<InFlight>,
+) -> Result<Live, String> {
+    let connect = Connection::connect_uri(setup.uri.clone(), setup.properties.clone());
+    let conn = match tokio::time::timeout(setup.tuning.connect_timeout, connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(setup.scrub(e)),
+        Err(_) => return Err(format!("no connection within {:?}", setup.tuning.connect_timeout)),
+    };
+    let declare = conn.create_channel().await.map_err(|e| setup.scrub(e))?;
+    let (publish, confirms) =
+        open_publish_channel(&conn, shared, in_flight).await.map_err(|e| setup.scrub(e))?;
+    Ok(Live { conn, declare, publish, confirms })
+}
+
+/// A confirm channel for publishing, and the sender to its confirm collector.
+async fn open_publish_channel(
+    conn: &Connection,
+    shared: Arc<Shared>,
+    in_flight: Arc<InFlight>,
+) -> Result<(Channel, mpsc::UnboundedSender<(PublishId, PublisherConfirm)>), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(collect_confirms(rx, shared, in_flight));
+    Ok((channel, tx))
 }
 
 /// Polls `future` once with the current task's waker.
