@@ -111,7 +111,8 @@ async fn rpc_round_trips_in_both_dialects() {
     client.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Also proves the link works on a current-thread runtime.
+#[tokio::test(flavor = "current_thread")]
 async fn a_call_to_an_unknown_service_fails_at_once() {
     let vhost = TestVhost::create().unwrap();
     let mut client = Node::start(Service::new("client"), &vhost, connector()).await;
@@ -290,4 +291,26 @@ async fn a_deleted_reply_queue_fails_pending_calls() {
     let mut server = serving.await.unwrap();
     server.close_links(Duration::from_secs(5)).await;
     client.stop().await;
+}
+
+/// A queue that exists with other arguments cannot be consumed as ours: the barrier says so
+/// (the runner's start fails) instead of the service starting deaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_the_broker_refuses_fails_the_barrier() {
+    let vhost = TestVhost::create().unwrap();
+    let peer =
+        tokio::time::timeout(WAIT, Connection::connect(&vhost.amqp_uri(), ConnectionProperties::default()))
+            .await
+            .unwrap()
+            .unwrap();
+    let channel = peer.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(10));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare("rpc-svc".into(), durable, arguments).await.unwrap();
+
+    let service = listener(|c| c.route(Route::blocking(RpcListener::new(), "m", h)));
+    let error = Node::try_start(service, &vhost, connector()).await.err().expect("the barrier fails");
+    assert!(error.contains("rpc-svc") && error.contains("PRECONDITION_FAILED"), "{error}");
+    let _ = peer.close(200, "OK".into()).await;
 }
