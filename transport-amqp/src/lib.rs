@@ -90,8 +90,9 @@
 //!
 //! ## What it does NOT do
 //!
-//! No IO: the lapin (async) and amiquip (blocking) halves that move these messages come later,
-//! behind features. No publisher confirms, no reconnect, no consumer management. It does not
+//! Without features, no IO: the lapin half (feature `tokio`, [`AmqpConnector`]) moves these
+//! messages; the amiquip (blocking) half comes later. The pure half has no publisher confirms,
+//! no reconnect, no consumer management. It does not
 //! answer micro_framework's internal commands `__list_targets__` / `__get_target__`: they decode
 //! as ordinary requests for methods of those names, which the Engine answers with
 //! `MethodNotFound` (`RPCTargetDoesNotExist` on the wire) until core supports listings. It does
@@ -100,6 +101,8 @@
 
 mod decode;
 mod encode;
+#[cfg(feature = "tokio")]
+mod lapin_link;
 mod model;
 mod topology;
 
@@ -107,6 +110,8 @@ pub use decode::{MISSING_ARGS_OR_KWARGS, decode, decode_event, decode_reply, dec
 pub use encode::{
     EncodeError, JSON, MAX_EXPIRATION_MS, UTF_8, encode, micro_framework_error, publish_topology,
 };
+#[cfg(feature = "tokio")]
+pub use lapin_link::AmqpConnector;
 pub use model::{AmqpProperties, IncomingMessage, OutgoingMessage};
 pub use topology::{
     AmqpSettings, Binding, Exchange, MICRO_FRAMEWORK_BROADCAST, MICRO_FRAMEWORK_RPC_EXCHANGE,
