@@ -389,9 +389,16 @@ async fn bad_configurations_are_refused_at_start() {
     let unnamed = start(Config::default()).await.unwrap_err();
     assert_eq!(unnamed, StartError::Config(ConfigError::Missing("SERVICE_NAME")));
     let mut amqp = config("svc", "async");
-    amqp.amqp_uri = Some(AmqpUri::new("amqp://guest:guest@127.0.0.1:5672/").unwrap());
-    // An explicit broker wins over the config's URI; without one the URI must be served.
-    assert_eq!(Runner::new(amqp).start().await.unwrap_err(), StartError::AmqpUnsupported);
+    // Nothing listens on port 1: the connection is refused, and the error names the URI
+    // without its password.
+    amqp.amqp_uri = Some(AmqpUri::new("amqp://guest:s3cret@127.0.0.1:1/").unwrap());
+    let err = Runner::new(amqp).start().await.unwrap_err();
+    if cfg!(feature = "amqp") {
+        assert!(matches!(&err, StartError::Link(m) if m.contains("127.0.0.1:1")), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    } else {
+        assert_eq!(err, StartError::AmqpUnsupported);
+    }
 
     let blocking_in_async = Runner::new(config("svc", "async"))
         .context(RunnerContext::new(1).route(Route::blocking(RpcListener::new(), "slow", noop_blocking)))

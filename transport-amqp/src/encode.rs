@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use microfw_core::message::NAMEKO_EXCEPTIONS;
+use microfw_core::targets;
 use microfw_core::{
     Body, Destination, Dialect, Envelope, Headers, Publish, RemoteError, RpcReply, RpcRequest, Source,
     SubscriptionId, Transport,
@@ -11,8 +12,8 @@ use serde_json::{Map, Value};
 
 use crate::model::{AmqpProperties, OutgoingMessage};
 use crate::topology::{
-    AmqpSettings, Topology, dead_letter_queue_name, dead_letter_topology, events_exchange, retry_queue_name,
-    retry_topology, route_queue, rpc_exchange,
+    AmqpSettings, MICRO_FRAMEWORK_BROADCAST, Topology, dead_letter_queue_name, dead_letter_topology,
+    events_exchange, retry_queue_name, retry_topology, route_queue, rpc_exchange,
 };
 
 /// The content type of everything this crate writes.
@@ -116,9 +117,15 @@ pub fn encode<'a>(
             properties.correlation_id = envelope.properties.correlation_id.clone();
             properties.expiration =
                 envelope.properties.expiration_ms.map(|ms| ms.min(MAX_EXPIRATION_MS).to_string());
+            // micro_framework serves its two listing commands on the broadcast queue only.
+            let routing_key = if *dialect == Dialect::MicroFramework && targets::is_internal(method) {
+                format!("{service}.{MICRO_FRAMEWORK_BROADCAST}.{method}")
+            } else {
+                format!("{service}.{method}")
+            };
             Ok(OutgoingMessage {
                 exchange: settings.rpc_exchange_of(*dialect).to_owned(),
-                routing_key: format!("{service}.{method}"),
+                routing_key,
                 mandatory: true,
                 properties,
                 body: request_body(*dialect, method, request)?,
@@ -450,6 +457,25 @@ mod tests {
         assert_eq!((t.exchanges[0].name.as_str(), t.exchanges[0].auto_delete), ("a.events", false));
         let t = publish_topology(&publish(rpc(), request()), &s, none).unwrap();
         assert_eq!(t.exchanges[0].name, "nameko-rpc");
+    }
+
+    #[test]
+    fn micro_framework_listing_commands_go_to_the_broadcast_queue() {
+        let s = AmqpSettings::new("caller");
+        let mf_call = |method: &str| {
+            let destination = Destination::Rpc {
+                service: "svc".into(),
+                method: method.into(),
+                dialect: Dialect::MicroFramework,
+            };
+            let body = Body::Request(RpcRequest { method: method.into(), args: vec![], kwargs: Map::new() });
+            encode(&publish(destination, body), &s, none).unwrap().routing_key
+        };
+        assert_eq!(mf_call("__list_targets__"), "svc._broadcast.__list_targets__");
+        assert_eq!(mf_call("__get_target__"), "svc._broadcast.__get_target__");
+        assert_eq!(mf_call("add"), "svc.add");
+        let nameko = publish(rpc(), request());
+        assert_eq!(encode(&nameko, &s, none).unwrap().routing_key, "svc.m");
     }
 
     #[test]
