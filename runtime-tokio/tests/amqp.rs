@@ -25,7 +25,7 @@ fn config(vhost: &TestVhost, name: &str, mode: &str) -> Config {
         service_name: Some(name.into()),
         worker_mode: mode.parse().unwrap(),
         shutdown_timeout: Duration::from_secs(5),
-        amqp_uri: Some(AmqpUri::new(&vhost.amqp_uri()).unwrap()),
+        amqp_uri: Some(AmqpUri::new(vhost.amqp_uri()).unwrap()),
         ..Config::default()
     }
 }
