@@ -1,6 +1,8 @@
 //! The microfw quickstart: two real services on `microfw-runtime-tokio` (`async` worker mode),
-//! talking through the embedded memory broker (no RabbitMQ needed). `quickstart_sync` is the
-//! same program on plain threads.
+//! talking through the embedded memory broker (no RabbitMQ needed), or through RabbitMQ when
+//! `AMQP_URI` is set (`AMQP_URI=amqp://guest:guest@127.0.0.1:5672/ cargo run -p
+//! microfw-examples --bin quickstart`). `quickstart_sync` is the same program on plain
+//! threads.
 //!
 //! micro_framework's README example, ported:
 //!
@@ -153,7 +155,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         )
         .start()
         .await?;
-    println!("[quickstart] shop and frontend running on the embedded memory broker; Ctrl-C to stop");
+    let broker = match &base.amqp_uri {
+        Some(uri) => format!("RabbitMQ at {uri}"),
+        None => "the embedded memory broker".to_owned(),
+    };
+    println!("[quickstart] shop and frontend running on {broker}; Ctrl-C to stop");
 
     let reason = wait_for_stop(stop_after).await?;
     println!("[quickstart] {reason}: stopping");
