@@ -84,11 +84,17 @@
 #![warn(missing_docs)]
 
 pub mod lane;
+pub mod options;
 pub mod reply;
 pub mod request;
+pub mod session;
 pub mod targets;
 
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
 pub use lane::{Admission, Lane, LaneError, Released, Ticket};
+pub use options::{CLOSE_GOING_AWAY, ServerOptions, authorized, service_stopped, shutting_down};
 pub use reply::{
     MICRO_FRAMEWORK_EXCEPTIONS, ReplyDecodeError, ReplyEncodeError, ReplyErrorKind, WsReply, decode_reply,
     encode_error, encode_ok, encode_reply, encode_reply_envelope, error_to_wire, max_connections_reached,
@@ -97,6 +103,7 @@ pub use request::{
     RequestError, RequestErrorKind, RequestId, WsRequest, decode_binary, decode_request, encode_request,
     encode_request_envelope,
 };
+pub use session::{ConnId, FrameSink, ServerState, SessionStats};
 pub use targets::{
     GET_TARGET, LIST_TARGETS, ListingError, TargetDetail, answer_internal, get_target, is_internal,
     parse_target_detail, parse_target_list, ws_targets,
