@@ -83,6 +83,7 @@
 //! limit by itself (the decoders accept any length; call [`check_size`] first).
 #![warn(missing_docs)]
 
+mod gauge;
 pub mod lane;
 pub mod options;
 pub mod reply;
