@@ -407,7 +407,6 @@ impl Target {
 }
 
 /// Calls sent on the current connection, and how to match their replies.
-#[derive(Default)]
 struct Calls {
     /// Calls without a reply; `None` once the caller gave up (its reply is still awaited in
     /// order mode, where it must be consumed).
@@ -415,9 +414,16 @@ struct Calls {
     /// Send order, while the server might answer in order.
     order: VecDeque<u64>,
     mode: u8,
+    /// What [`WsRpcClient::mode`] reads; set before any reply is handed over.
+    shown: Arc<AtomicU8>,
 }
 
 impl Calls {
+    fn set_mode(&mut self, mode: u8) {
+        self.mode = mode;
+        self.shown.store(mode, Ordering::Relaxed);
+    }
+
     fn sent(&mut self, key: u64, reply: oneshot::Sender<Result<Value, WsCallError>>) {
         self.pending.insert(key, Some(reply));
         if self.mode != MODE_MULTIPLEXED {
@@ -441,14 +447,14 @@ impl Calls {
         let key = match id {
             Some(id) => {
                 if self.mode != MODE_MULTIPLEXED {
-                    self.mode = MODE_MULTIPLEXED;
+                    self.set_mode(MODE_MULTIPLEXED);
                     self.order.clear();
                     self.pending.retain(|_, slot| slot.is_some());
                 }
                 id.as_i64().and_then(|n| u64::try_from(n).ok())
             }
             None => {
-                self.mode = MODE_IN_ORDER;
+                self.set_mode(MODE_IN_ORDER);
                 std::iter::from_fn(|| self.order.pop_front()).find(|k| self.pending.contains_key(k))
             }
         };
@@ -465,7 +471,7 @@ impl Calls {
             }
         }
         self.order.clear();
-        self.mode = MODE_UNKNOWN;
+        self.set_mode(MODE_UNKNOWN);
     }
 }
 
@@ -485,7 +491,8 @@ async fn run(
     mode: Arc<AtomicU8>,
 ) {
     let mut conn: Option<WebSocketStream<TcpStream>> = None;
-    let mut calls = Calls::default();
+    let mut calls =
+        Calls { pending: HashMap::new(), order: VecDeque::new(), mode: MODE_UNKNOWN, shown: mode };
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -536,7 +543,6 @@ async fn run(
                 }
             }
         }
-        mode.store(calls.mode, Ordering::Relaxed);
     }
     if let Some(mut ws) = conn {
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
@@ -561,7 +567,7 @@ async fn ensure(
     match target.connect(options).await {
         Ok(ws) => {
             *conn = Some(ws);
-            calls.mode = MODE_UNKNOWN;
+            calls.set_mode(MODE_UNKNOWN);
             Ok(())
         }
         Err(e) => {
