@@ -83,6 +83,9 @@
 //! limit by itself (the decoders accept any length; call [`check_size`] first).
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "tokio", feature = "sync"))]
+pub mod client;
+#[cfg(any(feature = "tokio", feature = "sync"))]
 mod gauge;
 pub mod lane;
 pub mod options;

@@ -1,166 +1,29 @@
 //! `WsRpcClient`: micro_framework's WebSocket RPC client, async, over one persistent
 //! multiplexed connection.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use microfw_core::{RemoteError, RpcRequest};
+use microfw_core::RpcRequest;
 use serde_json::{Map, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::client::Request;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
-use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Message;
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
-use crate::reply::{ReplyDecodeError, WsReply, decode_reply};
+use crate::client::{
+    Calls, ClientOptions, Responder, ServerMode, SharedMode, Target, WsCallError, WsClientError,
+    client_config,
+};
+use crate::reply::decode_reply;
 use crate::request::{RequestId, encode_request};
 use crate::targets::{GET_TARGET, LIST_TARGETS, TargetDetail, parse_target_detail, parse_target_list};
-
-/// Settings of a [`WsRpcClient`]. `Debug` never prints the token.
-#[derive(Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ClientOptions {
-    /// Sent as `Authorization: Bearer <token>` on every upgrade.
-    pub token: Option<String>,
-    /// The timeout of a call that names none. Default 30 s.
-    pub timeout: Duration,
-    /// Time allowed to open the TCP connection and complete the upgrade. Default 10 s.
-    pub connect_timeout: Duration,
-    /// Largest reply accepted, in bytes (a larger one loses the connection). Default 64 MiB.
-    pub max_message_size: usize,
-    /// Calls that may be queued for the connection task before `call` fails at once with
-    /// [`WsCallError::Overloaded`]. Default 1024.
-    pub max_queued: usize,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            token: None,
-            timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            max_message_size: 64 << 20,
-            max_queued: 1024,
-        }
-    }
-}
-
-impl ClientOptions {
-    /// Sets [`token`](Self::token).
-    pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// Sets [`timeout`](Self::timeout).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets [`connect_timeout`](Self::connect_timeout).
-    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Sets [`max_message_size`](Self::max_message_size).
-    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
-        self
-    }
-
-    /// Sets [`max_queued`](Self::max_queued) (at least 1).
-    pub fn with_max_queued(mut self, n: usize) -> Self {
-        self.max_queued = n.max(1);
-        self
-    }
-}
-
-impl std::fmt::Debug for ClientOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientOptions")
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_message_size", &self.max_message_size)
-            .field("max_queued", &self.max_queued)
-            .finish()
-    }
-}
-
-/// Why a client could not be made.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum WsClientError {
-    /// The URL is not a `ws://host[:port][/path]` URL (`wss` needs TLS, which this crate
-    /// does not speak).
-    #[error("invalid WebSocket URL {url:?}: {reason}")]
-    InvalidUrl {
-        /// The URL given.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Made outside a tokio runtime.
-    #[error("WsRpcClient needs a tokio runtime")]
-    NoRuntime,
-    /// The first connection failed ([`WsRpcClient::connect`] only).
-    #[error("{0}")]
-    Connect(WsCallError),
-}
-
-/// Why a call failed.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum WsCallError {
-    /// The server answered with an exception (micro_framework's name and message; the
-    /// module and args when the server sends them). `MaxConnectionsReached` means the server
-    /// had no capacity and the call did not run.
-    #[error("remote error: {0}")]
-    Remote(RemoteError),
-    /// No reply within the call's timeout. The call may still run on the server.
-    #[error("WebSocket RPC call timed out after {0:?}")]
-    Timeout(Duration),
-    /// The connection could not be opened (refused, upgrade rejected: 401 without a valid
-    /// token, 503 over the server's connection limit).
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    /// The connection closed before the reply. The call may or may not have run; the next
-    /// call reconnects.
-    #[error("the WebSocket connection was lost before the reply")]
-    ConnectionLost,
-    /// The reply could not be read.
-    #[error("malformed reply: {0}")]
-    MalformedReply(String),
-    /// Too many calls queued for the connection ([`ClientOptions::max_queued`]).
-    #[error("too many calls queued")]
-    Overloaded,
-    /// The client's connection task is gone (its runtime shut down).
-    #[error("the client is closed")]
-    Closed,
-}
-
-/// How the server answers, as far as the client has seen (per connection).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ServerMode {
-    /// No reply seen yet on this connection.
-    Unknown,
-    /// The server echoes ids (microfw): replies are matched by id.
-    Multiplexed,
-    /// The server does not echo ids (micro_framework): replies are matched in send order.
-    InOrder,
-}
 
 /// An async client of a WebSocket RPC server (microfw's or micro_framework's).
 ///
@@ -187,7 +50,7 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     next_key: AtomicU64,
     timeout: Duration,
-    mode: Arc<AtomicU8>,
+    mode: SharedMode,
 }
 
 impl std::fmt::Debug for WsRpcClient {
@@ -203,7 +66,7 @@ impl WsRpcClient {
         let target = Target::parse(url, &options)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| WsClientError::NoRuntime)?;
         let (commands, rx) = mpsc::channel(options.max_queued);
-        let mode = Arc::new(AtomicU8::new(MODE_UNKNOWN));
+        let mode = SharedMode::default();
         let timeout = options.timeout;
         runtime.spawn(run(rx, target, options, mode.clone()));
         let inner = Inner { url: url.to_owned(), commands, next_key: AtomicU64::new(0), timeout, mode };
@@ -271,11 +134,7 @@ impl WsRpcClient {
 
     /// How the server of the current connection answers.
     pub fn mode(&self) -> ServerMode {
-        match self.inner.mode.load(Ordering::Relaxed) {
-            MODE_MULTIPLEXED => ServerMode::Multiplexed,
-            MODE_IN_ORDER => ServerMode::InOrder,
-            _ => ServerMode::Unknown,
-        }
+        self.inner.mode.get()
     }
 
     /// The URL it calls.
@@ -342,12 +201,8 @@ impl Drop for WsCall {
 // ---------------------------------------------------------------------------------------------
 // Private machinery: the connection task.
 
-const MODE_UNKNOWN: u8 = 0;
-const MODE_MULTIPLEXED: u8 = 1;
-const MODE_IN_ORDER: u8 = 2;
-
 enum Command {
-    Call { key: u64, request: RpcRequest, reply: oneshot::Sender<Result<Value, WsCallError>> },
+    Call { key: u64, request: RpcRequest, reply: Reply },
     Cancel(u64),
     Connect(oneshot::Sender<Result<(), WsCallError>>),
 }
@@ -356,122 +211,31 @@ fn closed() -> WsClientError {
     WsClientError::Connect(WsCallError::Closed)
 }
 
-/// Where to connect: the parsed upgrade request and the TCP address.
-struct Target {
-    request: Request,
-    host: String,
-    port: u16,
-}
+type Reply = oneshot::Sender<Result<Value, WsCallError>>;
 
-impl Target {
-    fn parse(url: &str, options: &ClientOptions) -> Result<Target, WsClientError> {
-        let invalid =
-            |reason: &str| WsClientError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
-        let mut request = url.into_client_request().map_err(|e| invalid(&e.to_string()))?;
-        let uri = request.uri();
-        if uri.scheme_str() != Some("ws") {
-            return Err(invalid("the scheme must be ws (wss needs TLS, which is not supported)"));
-        }
-        let host = uri.host().ok_or_else(|| invalid("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(80);
-        if let Some(token) = &options.token {
-            let value = HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| invalid("the token is not a valid header value"))?;
-            request.headers_mut().insert(header::AUTHORIZATION, value);
-        }
-        Ok(Target { request, host, port })
-    }
-
-    async fn connect(&self, options: &ClientOptions) -> Result<WebSocketStream<TcpStream>, WsCallError> {
-        let attempt = async {
-            let stream = TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| WsCallError::Connect(e.to_string()))?;
-            let _ = stream.set_nodelay(true);
-            let config = WebSocketConfig::default()
-                .max_message_size(Some(options.max_message_size))
-                .max_frame_size(Some(options.max_message_size));
-            let (ws, _) = client_async_with_config(self.request.clone(), stream, Some(config))
-                .await
-                .map_err(|e| WsCallError::Connect(e.to_string()))?;
-            Ok(ws)
-        };
-        match tokio::time::timeout(options.connect_timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => {
-                Err(WsCallError::Connect(format!("no connection within {:?}", options.connect_timeout)))
-            }
-        }
+impl Responder for Reply {
+    fn respond(self, result: Result<Value, WsCallError>) {
+        let _ = self.send(result);
     }
 }
 
-/// Calls sent on the current connection, and how to match their replies.
-struct Calls {
-    /// Calls without a reply; `None` once the caller gave up (its reply is still awaited in
-    /// order mode, where it must be consumed).
-    pending: HashMap<u64, Option<oneshot::Sender<Result<Value, WsCallError>>>>,
-    /// Send order, while the server might answer in order.
-    order: VecDeque<u64>,
-    mode: u8,
-    /// What [`WsRpcClient::mode`] reads; set before any reply is handed over.
-    shown: Arc<AtomicU8>,
-}
-
-impl Calls {
-    fn set_mode(&mut self, mode: u8) {
-        self.mode = mode;
-        self.shown.store(mode, Ordering::Relaxed);
-    }
-
-    fn sent(&mut self, key: u64, reply: oneshot::Sender<Result<Value, WsCallError>>) {
-        self.pending.insert(key, Some(reply));
-        if self.mode != MODE_MULTIPLEXED {
-            self.order.push_back(key);
-        }
-    }
-
-    fn cancel(&mut self, key: u64) {
-        if self.mode == MODE_MULTIPLEXED {
-            self.pending.remove(&key);
-        } else if let Some(slot) = self.pending.get_mut(&key) {
-            *slot = None;
-        }
-    }
-
-    fn reply(&mut self, decoded: Result<WsReply, ReplyDecodeError>) {
-        let (id, result) = match decoded {
-            Ok(r) => (r.id, r.reply.result.map_err(WsCallError::Remote)),
-            Err(e) => (e.id.clone(), Err(WsCallError::MalformedReply(e.to_string()))),
-        };
-        let key = match id {
-            Some(id) => {
-                if self.mode != MODE_MULTIPLEXED {
-                    self.set_mode(MODE_MULTIPLEXED);
-                    self.order.clear();
-                    self.pending.retain(|_, slot| slot.is_some());
-                }
-                id.as_i64().and_then(|n| u64::try_from(n).ok())
-            }
-            None => {
-                self.set_mode(MODE_IN_ORDER);
-                std::iter::from_fn(|| self.order.pop_front()).find(|k| self.pending.contains_key(k))
-            }
-        };
-        if let Some(Some(reply)) = key.and_then(|k| self.pending.remove(&k)) {
-            let _ = reply.send(result);
-        }
-    }
-
-    /// The connection is gone: every call in flight fails.
-    fn lost(&mut self) {
-        for (_, slot) in self.pending.drain() {
-            if let Some(reply) = slot {
-                let _ = reply.send(Err(WsCallError::ConnectionLost));
-            }
-        }
-        self.order.clear();
-        self.set_mode(MODE_UNKNOWN);
+async fn connect(
+    target: &Target,
+    options: &ClientOptions,
+) -> Result<WebSocketStream<TcpStream>, WsCallError> {
+    let attempt = async {
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| WsCallError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (ws, _) = client_async_with_config(target.request.clone(), stream, Some(client_config(options)))
+            .await
+            .map_err(|e| WsCallError::Connect(e.to_string()))?;
+        Ok(ws)
+    };
+    match tokio::time::timeout(options.connect_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(WsCallError::Connect(format!("no connection within {:?}", options.connect_timeout))),
     }
 }
 
@@ -488,11 +252,10 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
     target: Target,
     options: ClientOptions,
-    mode: Arc<AtomicU8>,
+    mode: SharedMode,
 ) {
     let mut conn: Option<WebSocketStream<TcpStream>> = None;
-    let mut calls =
-        Calls { pending: HashMap::new(), order: VecDeque::new(), mode: MODE_UNKNOWN, shown: mode };
+    let mut calls: Calls<Reply> = Calls::new(mode);
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -553,7 +316,7 @@ async fn run(
 /// (no reconnect storm against a server that is down).
 async fn ensure(
     conn: &mut Option<WebSocketStream<TcpStream>>,
-    calls: &mut Calls,
+    calls: &mut Calls<Reply>,
     target: &Target,
     options: &ClientOptions,
     failed: &mut Option<WsCallError>,
@@ -564,10 +327,10 @@ async fn ensure(
     if let Some(e) = failed {
         return Err(e.clone());
     }
-    match target.connect(options).await {
+    match connect(target, options).await {
         Ok(ws) => {
             *conn = Some(ws);
-            calls.set_mode(MODE_UNKNOWN);
+            calls.reconnected();
             Ok(())
         }
         Err(e) => {
@@ -577,7 +340,7 @@ async fn ensure(
     }
 }
 
-fn lose(conn: &mut Option<WebSocketStream<TcpStream>>, calls: &mut Calls) {
+fn lose(conn: &mut Option<WebSocketStream<TcpStream>>, calls: &mut Calls<Reply>) {
     *conn = None;
     calls.lost();
 }

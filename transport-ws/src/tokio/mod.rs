@@ -15,5 +15,6 @@
 mod client;
 mod server;
 
-pub use client::{ClientOptions, ServerMode, WsCall, WsCallError, WsClientError, WsRpcClient};
+pub use crate::client::{ClientOptions, ServerMode, WsCallError, WsClientError};
+pub use client::{WsCall, WsRpcClient};
 pub use server::{WsServer, WsServerHandle};
