@@ -87,16 +87,24 @@
 pub mod client;
 #[cfg(any(feature = "tokio", feature = "sync"))]
 mod gauge;
+#[cfg(any(feature = "tokio", feature = "sync"))]
+mod handle;
 pub mod lane;
 pub mod options;
 pub mod reply;
 pub mod request;
 pub mod session;
 pub mod targets;
+#[cfg(any(feature = "tokio", feature = "sync"))]
+mod upgrade;
 
+#[cfg(feature = "sync")]
+pub mod sync;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
+#[cfg(any(feature = "tokio", feature = "sync"))]
+pub use handle::WsServerHandle;
 pub use lane::{Admission, Lane, LaneError, Released, Ticket};
 pub use options::{CLOSE_GOING_AWAY, ServerOptions, authorized, service_stopped, shutting_down};
 pub use reply::{

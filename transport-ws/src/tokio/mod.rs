@@ -16,5 +16,6 @@ mod client;
 mod server;
 
 pub use crate::client::{ClientOptions, ServerMode, WsCallError, WsClientError};
+pub use crate::handle::WsServerHandle;
 pub use client::{WsCall, WsRpcClient};
-pub use server::{WsServer, WsServerHandle};
+pub use server::WsServer;

@@ -2,9 +2,8 @@
 //! the shared [`ServerState`] decides everything else.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,17 +16,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Utf8Bytes};
 use tokio_tungstenite::{WebSocketStream, accept_hdr_async_with_config};
 
 use crate::gauge::ConnGauge;
-use crate::options::{CLOSE_GOING_AWAY, ServerOptions, authorized};
+use crate::handle::WsServerHandle;
+use crate::options::{CLOSE_GOING_AWAY, ServerOptions};
 use crate::request::{decode_binary, decode_request};
-use crate::session::{ConnId, FrameSink, ServerState, SessionStats};
+use crate::session::{ConnId, FrameSink, ServerState};
+use crate::upgrade;
 
 /// Upgrades refused at once (over the connection limit) that may be in their handshake at
 /// the same time; beyond it, the TCP connection is dropped without an HTTP answer.
@@ -56,17 +56,6 @@ pub struct WsServer {
     gauge: Option<WsConnections>,
 }
 
-/// A view of a [`WsServer`] that outlives the connector: the bound address (for port 0) and
-/// counters. Cheap to clone.
-#[derive(Clone, Debug, Default)]
-pub struct WsServerHandle(Arc<HandleInner>);
-
-#[derive(Debug, Default)]
-struct HandleInner {
-    addr: OnceLock<SocketAddr>,
-    shared: OnceLock<Weak<Shared>>,
-}
-
 impl WsServer {
     /// A server with these options, not bound yet.
     pub fn new(options: ServerOptions) -> Self {
@@ -84,19 +73,6 @@ impl WsServer {
     /// The handle to read the bound address and counters from once connected.
     pub fn handle(&self) -> WsServerHandle {
         self.handle.clone()
-    }
-}
-
-impl WsServerHandle {
-    /// The address the server listens on, once [`connect`](ConnectAsync::connect) bound it.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.0.addr.get().copied()
-    }
-
-    /// The server's counters, while its link is alive.
-    pub fn stats(&self) -> Option<SessionStats> {
-        let shared = self.0.shared.get()?.upgrade()?;
-        Some(shared.state().stats())
     }
 }
 
@@ -124,8 +100,8 @@ impl ConnectAsync for WsServer {
                 reserved: AtomicUsize::new(0),
                 rejecting: AtomicUsize::new(0),
             });
-            let _ = self.handle.0.addr.set(local);
-            let _ = self.handle.0.shared.set(Arc::downgrade(&shared));
+            let weak = Arc::downgrade(&shared);
+            self.handle.bound(local, Box::new(move || weak.upgrade().map(|s| s.state().stats())));
             spawn_tracked(&shared, accept_loop(shared.clone(), listener));
             Ok(Box::new(WsLink { shared, closed: false }) as Box<dyn Link>)
         })
@@ -312,9 +288,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 #[allow(clippy::result_large_err)]
 async fn refuse(shared: Arc<Shared>, stream: TcpStream) {
     let _slot = Reservation(&shared.rejecting);
-    let callback = |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
-        Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "too many connections"))
-    };
+    let callback = |_: &Request, _: Response| -> Result<Response, ErrorResponse> { Err(upgrade::too_many()) };
     let handshake = accept_hdr_async_with_config(stream, callback, None);
     let _ = tokio::time::timeout(shared.options.handshake_timeout, handshake).await;
 }
@@ -334,17 +308,9 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream) {
     let options = &shared.options;
     let token = options.token.clone();
     let callback = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        if let Some(token) = &token {
-            let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-            if !authorized(token, authorization, request.uri().query()) {
-                return Err(error_response(StatusCode::UNAUTHORIZED, "a valid token is required"));
-            }
-        }
-        Ok(response)
+        upgrade::check(token.as_deref(), request).map(|()| response)
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(options.max_message_size))
-        .max_frame_size(Some(options.max_message_size));
+    let config = upgrade::server_config(options);
     let handshake = accept_hdr_async_with_config(stream, callback, Some(config));
     let Ok(Ok(ws)) = tokio::time::timeout(options.handshake_timeout, handshake).await else { return };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -459,13 +425,4 @@ async fn linger(ws: &mut WebSocketStream<TcpStream>) {
 /// gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-fn error_response(status: StatusCode, text: &str) -> ErrorResponse {
-    let mut response = ErrorResponse::new(Some(text.to_owned()));
-    *response.status_mut() = status;
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    response
 }

@@ -12,12 +12,12 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use microfw_core::config::Config;
 use microfw_core::extract::Params;
-use microfw_core::link::{ConnectAsync, Link, LinkInbox, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{Link, LinkInbox, LinkSpec, LinkWaker, Links};
 use microfw_core::{
     Action, DispatchId, Engine, EngineConfig, HandlerError, HandlerTable, Instant, Outcome, Reply, Route,
     RunnerContext, Service, Transport, WsRpcListener,
 };
-use microfw_transport_ws::tokio::{WsServer, WsServerHandle};
+use microfw_transport_ws::WsServerHandle;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -164,25 +164,74 @@ impl Running {
     }
 }
 
+impl Running {
+    /// [`stop`](Self::stop), blocking (at most [`T`]).
+    pub fn stop_blocking(mut self) -> usize {
+        self.shutdown();
+        let thread = self.thread.take().unwrap();
+        let (done, wait) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(thread.join().unwrap());
+        });
+        wait.recv_timeout(T).expect("driver stop")
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.inputs.send(Input::Shutdown);
     }
 }
 
-/// Connects `server` for `service` (on 127.0.0.1, any port) and starts the driver thread.
-pub async fn start(service: Service<()>, server: WsServer) -> Running {
+/// Connects a tokio `server` for `service` (on 127.0.0.1, any port) and starts the driver
+/// thread; async handlers run on the current runtime.
+#[cfg(feature = "tokio")]
+pub async fn start(service: Service<()>, server: microfw_transport_ws::tokio::WsServer) -> Running {
+    use microfw_core::link::ConnectAsync;
+    let handle = server.handle();
     let (spec, handlers) = service.build().unwrap();
+    let (tx, rx, waker) = channels();
+    let link = within("connect", Box::new(server).connect(link_spec(&spec), waker.clone())).await.unwrap();
+    let runtime = Some(tokio::runtime::Handle::current());
+    launch(spec, handlers, link, handle, (tx, rx, waker), runtime)
+}
+
+/// Connects a blocking `server` for `service` and starts the driver thread (blocking
+/// handlers only).
+#[cfg(feature = "sync")]
+pub fn start_sync(service: Service<()>, server: microfw_transport_ws::sync::WsServer) -> Running {
+    use microfw_core::link::Connect;
+    let handle = server.handle();
+    let (spec, handlers) = service.build().unwrap();
+    let (tx, rx, waker) = channels();
+    let link = Box::new(server).connect(&link_spec(&spec), waker.clone()).unwrap();
+    launch(spec, handlers, link, handle, (tx, rx, waker), None)
+}
+
+fn link_spec(spec: &microfw_core::ServiceSpec) -> LinkSpec {
+    let config = Config { websocket_ip: "127.0.0.1".into(), websocket_port: 0, ..Config::default() };
+    LinkSpec { service: spec.name.to_string(), transport: Transport::WebSocket, config }
+}
+
+type Channels = (mpsc::Sender<Input>, mpsc::Receiver<Input>, LinkWaker);
+
+fn channels() -> Channels {
     let (tx, rx) = mpsc::channel();
     let wake = tx.clone();
     let waker = LinkWaker::new(move || {
         let _ = wake.send(Input::Wake);
     });
-    let config = Config { websocket_ip: "127.0.0.1".into(), websocket_port: 0, ..Config::default() };
-    let link_spec = LinkSpec { service: spec.name.to_string(), transport: Transport::WebSocket, config };
-    let handle = server.handle();
-    let link = within("connect", Box::new(server).connect(link_spec, waker.clone())).await.unwrap();
-    let runtime = tokio::runtime::Handle::current();
+    (tx, rx, waker)
+}
+
+fn launch(
+    spec: microfw_core::ServiceSpec,
+    handlers: HandlerTable<()>,
+    link: Box<dyn Link>,
+    handle: WsServerHandle,
+    (tx, rx, waker): Channels,
+    runtime: Option<tokio::runtime::Handle>,
+) -> Running {
     let outcomes = tx.clone();
     let thread = std::thread::spawn(move || drive(spec, handlers, link, waker, rx, outcomes, runtime));
     Running { addr: handle.local_addr().unwrap(), handle, inputs: tx, thread: Some(thread) }
@@ -211,7 +260,7 @@ fn drive(
     waker: LinkWaker,
     inputs: mpsc::Receiver<Input>,
     outcomes: mpsc::Sender<Input>,
-    runtime: tokio::runtime::Handle,
+    runtime: Option<tokio::runtime::Handle>,
 ) -> usize {
     let config =
         EngineConfig { seed: 7, shutdown_timeout: Duration::from_secs(5), ..EngineConfig::default() };
@@ -271,7 +320,7 @@ fn run(
     d: microfw_core::Dispatch,
     handlers: &Arc<HandlerTable<()>>,
     outcomes: &mpsc::Sender<Input>,
-    runtime: &tokio::runtime::Handle,
+    runtime: &Option<tokio::runtime::Handle>,
 ) {
     let outcomes = outcomes.clone();
     let Some(handler) = handlers.handler(d.route).cloned() else {
@@ -284,7 +333,7 @@ fn run(
                 handler.call_blocking(d.job, ()).unwrap_or(Outcome::Panicked("not blocking".into()));
             let _ = outcomes.send(Input::Outcome(d.id, outcome));
         });
-    } else {
+    } else if let Some(runtime) = runtime {
         runtime.spawn(async move {
             let outcome = match handler.call_async(d.job, ()) {
                 Some(future) => future.await,
@@ -292,6 +341,9 @@ fn run(
             };
             let _ = outcomes.send(Input::Outcome(d.id, outcome));
         });
+    } else {
+        let _ =
+            outcomes.send(Input::Outcome(d.id, Outcome::Panicked("async handler without a runtime".into())));
     }
 }
 
