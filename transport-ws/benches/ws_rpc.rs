@@ -178,6 +178,10 @@ fn main() {
         let client = WsRpcClient::connect(&svc.url(), ClientOptions::default()).await.unwrap();
         let raw_url = raw_server().await;
         let mut raw = Some(raw_connect(&raw_url).await);
+        // The two mixed pairs split the cost: our client against the raw server, and a raw
+        // client against our server (link + Engine + harness driver).
+        let client_to_raw = WsRpcClient::connect(&raw_url, ClientOptions::default()).await.unwrap();
+        let mut raw_to_ours = raw_connect(&svc.url()).await;
 
         // Warm-up.
         microfw_sequential(&client, 300).await;
@@ -187,6 +191,7 @@ fn main() {
         let mut raw_seq = Vec::new();
         let mut ours_par = Vec::new();
         let mut raw_par = Vec::new();
+        let mut mixed = Vec::new();
         for round in 0..repeats {
             let a = microfw_sequential(&client, sequential_n).await;
             let b = raw_sequential(raw.as_mut().unwrap(), sequential_n).await;
@@ -197,6 +202,13 @@ fn main() {
                 "round {round}: sequential microfw {:>8.0}/s (p50 {:>6.1} us, p99 {:>7.1} us) raw {:>8.0}/s (p50 {:>6.1} us, p99 {:>7.1} us) | {window} in flight microfw {:>8.0}/s raw {:>8.0}/s",
                 a.calls_per_sec, a.p50_us, a.p99_us, b.calls_per_sec, b.p50_us, b.p99_us, c.calls_per_sec, d.calls_per_sec
             );
+            let e = microfw_sequential(&client_to_raw, sequential_n).await;
+            let f = raw_sequential(&mut raw_to_ours, sequential_n).await;
+            println!(
+                "round {round}: sequential microfw client -> raw server {:>8.0}/s (p50 {:>6.1} us) | raw client -> microfw server {:>8.0}/s (p50 {:>6.1} us)",
+                e.calls_per_sec, e.p50_us, f.calls_per_sec, f.p50_us
+            );
+            mixed.push((e.calls_per_sec, f.calls_per_sec));
             ours_seq.push(a);
             raw_seq.push(b);
             ours_par.push(c.calls_per_sec);
@@ -208,6 +220,8 @@ fn main() {
         println!("median sequential: microfw {os:.0}/s (p50 {:.1} us, p99 {:.1} us), raw {rs:.0}/s (p50 {:.1} us, p99 {:.1} us), ratio microfw/raw {:.2}",
             m(&ours_seq, |r| r.p50_us), m(&ours_seq, |r| r.p99_us), m(&raw_seq, |r| r.p50_us), m(&raw_seq, |r| r.p99_us), os / rs);
         println!("median {window} in flight: microfw {op:.0}/s, raw {rp:.0}/s, ratio microfw/raw {:.2}", op / rp);
+        let (e, f) = (median(mixed.iter().map(|m| m.0).collect()), median(mixed.iter().map(|m| m.1).collect()));
+        println!("median sequential mixed: microfw client -> raw server {e:.0}/s, raw client -> microfw server {f:.0}/s");
         drop(client);
         svc.stop().await;
     });
