@@ -307,3 +307,61 @@ async fn an_idle_connection_is_closed_but_a_busy_one_is_not() {
     }
     drop(svc);
 }
+
+/// A deterministic xorshift, so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_each_get_one_reply_and_never_close_the_connection() {
+    let gate = Gate::default();
+    let svc = start(service(&gate, 4), server()).await;
+    let mut ws = raw(svc.url()).await.unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let commands = ["add", "fail", "nope", "__list_targets__", "__get_target__", "", "add"];
+    let values = ["1", "-2", "\"a\"", "null", "[]", "{}", "[1, 2]", "{\"b\": 1}", "1.5", "true"];
+    let n = 300;
+    for _ in 0..n {
+        let message = match rng.next() % 5 {
+            0 => {
+                let bytes: Vec<u8> = (0..rng.next() % 48).map(|_| rng.next() as u8).collect();
+                Message::text(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            1 => Message::binary((0..rng.next() % 16).map(|_| rng.next() as u8).collect::<Vec<u8>>()),
+            2 => Message::text(format!("{{\"command\": {}}}", rng.pick(&values))),
+            _ => {
+                let id = match rng.next() % 3 {
+                    0 => String::new(),
+                    1 => format!(", \"id\": {}", rng.next() % 1000),
+                    _ => format!(", \"id\": {}", rng.pick(&values)),
+                };
+                Message::text(format!(
+                    "{{\"command\": \"{}\", \"command_args\": {}, \"command_kwargs\": {}{id}}}",
+                    rng.pick(&commands),
+                    rng.pick(&["[]", "[1]", "[1, 2]", "[\"add\"]", "[[1], {}]", "1", "null"]),
+                    rng.pick(&["{}", "{\"b\": 2}", "{\"c\": null}", "[]", "null", "{\"target\": \"add\"}"]),
+                ))
+            }
+        };
+        within("send", ws.send(message)).await.unwrap();
+    }
+    for _ in 0..n {
+        let reply = recv(&mut ws).await;
+        assert!(reply.get("data").is_some() && reply.get("exception").is_some(), "{reply}");
+    }
+    send(&mut ws, r#"{"command": "add", "command_args": [1, 2]}"#).await;
+    assert_eq!(recv(&mut ws).await, ok(json!(3), None));
+    assert_eq!(svc.stop().await, 0);
+}
