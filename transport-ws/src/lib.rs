@@ -1,10 +1,20 @@
 //! # microfw-transport-ws
 //!
-//! The pure half of microfw's WebSocket RPC transport: a codec for micro_framework's WebSocket
-//! RPC protocol (`wire/micro_framework.md` section 4) extended with an optional multiplexing
-//! `id`, the answers to micro_framework's two internal commands, and the per-connection
-//! sequencing rule. It turns frames into [`RpcRequest`](microfw_core::RpcRequest)s and
-//! [`RpcReply`](microfw_core::RpcReply)s into frames, and back, for both server and client.
+//! microfw's WebSocket RPC transport, compatible with micro_framework's protocol
+//! (`wire/micro_framework.md` section 4) and extended with an optional multiplexing `id`.
+//!
+//! * Always (pure, no IO): the codec, the answers to micro_framework's two internal commands,
+//!   the per-connection sequencing rule ([`lane`]), the server's bookkeeping shared by both IO
+//!   halves ([`session`]: prefetch, wait queue, replies) and the server settings
+//!   ([`options`]). It turns frames into [`RpcRequest`](microfw_core::RpcRequest)s and
+//!   [`RpcReply`](microfw_core::RpcReply)s into frames, and back, for both server and client.
+//! * Feature `tokio`: `tokio::WsServer` (a `ConnectAsync` server link on tokio-tungstenite) and
+//!   the async `tokio::WsRpcClient`.
+//! * Feature `sync`: `sync::WsServer` (a blocking `Connect` server link on tungstenite and OS
+//!   threads, no tokio) and the blocking `sync::WsRpcClient`.
+//!
+//! With either feature, `client` holds the client parts both halves share (settings, errors,
+//! reply matching). Neither half speaks TLS.
 //!
 //! ## The contract
 //!
@@ -75,20 +85,38 @@
 //!
 //! ## What it does NOT do
 //!
-//! No IO, no sockets, no tungstenite, no clock, no threads: the server and client halves that
-//! move frames come later behind features and use this crate for every byte they write. It
-//! does not run handlers, count workers or connections (it only builds the
-//! `MaxConnectionsReached` reply the IO half sends when it refuses work), does not correlate
-//! client calls with replies (the IO half maps ids to calls), and does not enforce the size
-//! limit by itself (the decoders accept any length; call [`check_size`] first).
+//! The pure modules do no IO, read no clock and start no thread: the IO halves behind the
+//! features move frames and use them for every byte they write and every decision they make.
+//! Nothing here runs handlers or counts workers (the Engine does; the server only keeps within
+//! its subscription's prefetch and refuses with `MaxConnectionsReached` past its wait queue),
+//! and the decoders accept any length (the IO halves enforce the size limit; [`check_size`]
+//! for others).
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "tokio", feature = "sync"))]
+pub mod client;
+#[cfg(any(feature = "tokio", feature = "sync"))]
+mod gauge;
+#[cfg(any(feature = "tokio", feature = "sync"))]
+mod handle;
 pub mod lane;
+pub mod options;
 pub mod reply;
 pub mod request;
+pub mod session;
 pub mod targets;
+#[cfg(any(feature = "tokio", feature = "sync"))]
+mod upgrade;
 
+#[cfg(feature = "sync")]
+pub mod sync;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+#[cfg(any(feature = "tokio", feature = "sync"))]
+pub use handle::WsServerHandle;
 pub use lane::{Admission, Lane, LaneError, Released, Ticket};
+pub use options::{CLOSE_GOING_AWAY, ServerOptions, authorized, service_stopped, shutting_down};
 pub use reply::{
     MICRO_FRAMEWORK_EXCEPTIONS, ReplyDecodeError, ReplyEncodeError, ReplyErrorKind, WsReply, decode_reply,
     encode_error, encode_ok, encode_reply, encode_reply_envelope, error_to_wire, max_connections_reached,
@@ -97,6 +125,7 @@ pub use request::{
     RequestError, RequestErrorKind, RequestId, WsRequest, decode_binary, decode_request, encode_request,
     encode_request_envelope,
 };
+pub use session::{ConnId, FrameSink, ServerState, SessionStats};
 pub use targets::{
     GET_TARGET, LIST_TARGETS, ListingError, TargetDetail, answer_internal, get_target, is_internal,
     parse_target_detail, parse_target_list, ws_targets,
