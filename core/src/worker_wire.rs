@@ -11,7 +11,7 @@
 //! Both ends are the same binary, so the JSON shape is private to this module and may change
 //! between versions; only the length prefix and [`MAX_FRAME`] are fixed.
 //!
-//! What does not cross: a job's [`Extensions`](crate::extract::Extensions) (the worker puts
+//! What does not cross: a job's [`Extensions`] (the worker puts
 //! its own), and a payload a typed filter already decoded ([`PayloadData::Decoded`]): the
 //! worker gets its raw body and decodes it again.
 
