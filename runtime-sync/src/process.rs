@@ -11,7 +11,7 @@
 //! Per child, a reader thread reads its frames: outcomes go to the slot, and the requests of
 //! its handlers' clients (events, RPC calls) go to the driver as if a handler of this process
 //! had sent them, carrying the child's worker context; a responder thread (started on the
-//! first request) writes each answer back when it comes.
+//! first request) writes the answers back, in request order.
 //!
 //! A child that exits or sends a bad frame mid-job fails that job with
 //! [`Outcome::Panicked`] (the retry policy decides what follows); the child is reaped and a
@@ -28,7 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -193,6 +193,12 @@ impl Slot {
             }
         };
         while let Ok(WorkItem { id, route, job, dispatched }) = self.jobs.recv() {
+            // A child that died while idle is replaced before it gets the job.
+            if let Some(reason) = worker.as_ref().and_then(|w| w.gone(&self.cell)) {
+                let status = kill_and_reap(&self.cell);
+                tracing::warn!(worker = %self.name, "an idle worker process ended ({status}): {reason}");
+                worker = None;
+            }
             if worker.is_none() {
                 match Worker::spawn(&self.spawner, &self.cell, &self.outcomes, &self.name) {
                     Ok(w) => worker = Some(w),
@@ -362,6 +368,23 @@ impl Worker {
             Ok(Event::Frame(other)) => Err(format!("unexpected frame {other:?}")),
             Ok(Event::Closed(reason)) => Err(reason),
             Err(_) => Err("its reader thread ended".into()),
+        }
+    }
+
+    /// Why the child is gone, if it has exited or its reader reported anything while it was
+    /// idle (an idle child has nothing to say).
+    fn gone(&self, cell: &ChildCell) -> Option<String> {
+        match self.events.try_recv() {
+            Ok(Event::Closed(reason)) => return Some(reason),
+            Ok(Event::Frame(frame)) => return Some(format!("unexpected frame {frame:?}")),
+            Err(TryRecvError::Disconnected) => return Some("its reader thread ended".into()),
+            Err(TryRecvError::Empty) => {}
+        }
+        match cell.lock().as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(_))) => Some("it exited".into()),
+            Some(Err(e)) => Some(format!("cannot check it: {e}")),
+            None => Some("it was reaped".into()),
         }
     }
 

@@ -61,6 +61,15 @@ fn reaped(pid: u64) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// True when process `pid` has exited, every thread of it, but is not reaped yet. (Its main
+/// thread turns zombie before its other threads are gone and its files closed.)
+fn zombie(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "<pid> (<comm>) <state> ...": the state follows the last parenthesis.
+    let z = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    z && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() == 1)
+}
+
 fn pid_of(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a pid: {v}"))
 }
@@ -228,9 +237,20 @@ fn a_worker_that_exits_mid_job_fails_the_job_and_is_replaced() {
     assert!(err.contains(&format!("worker process {scribbler} exited")) && err.contains("SIGKILL"), "{err}");
     assert!(reaped(scribbler));
 
+    // A worker killed while idle is replaced before the next job reaches it.
+    let idle = pid_of(&rpc.call("proc-b", "pid", (), ()).unwrap());
+    let killed = std::process::Command::new("kill").args(["-9", &idle.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + WAIT;
+    while !zombie(idle) {
+        assert!(Instant::now() < deadline, "worker {idle} did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     // And the service keeps serving.
     let later = pid_of(&rpc.call("proc-b", "pid", (), ()).unwrap());
-    assert!(later != parent && later != first && later != scribbler);
+    assert!(later != parent && later != first && later != scribbler && later != idle);
+    assert!(reaped(idle));
     assert_eq!(service.stop().unwrap().unfinished, 0);
     assert!(reaped(later));
     assert_eq!(hub.queue_len("microfw.dlq.evt-src-doomed--proc-b.doomed"), Some(1));

@@ -72,9 +72,10 @@ pub(crate) async fn serve<S: Clone + Send + Sync + 'static>(
             ));
         }
     };
-    // A registered handler replaces the default action (ending the process) for good.
+    // A registered handler replaces the default action (ending the process) for good. A
+    // runtime without its signal driver panics here: the signals then keep their default.
     for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
-        let _ = signal(kind);
+        let _ = std::panic::catch_unwind(|| signal(kind));
     }
     let hello = WorkerHello::new(spec, target.context, std::process::id());
     let (service, target) = (spec.name.clone(), target.clone());

@@ -68,6 +68,15 @@ fn reaped(pid: u64) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// True when process `pid` has exited, every thread of it, but is not reaped yet. (Its main
+/// thread turns zombie before its other threads are gone and its files closed.)
+fn zombie(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "<pid> (<comm>) <state> ...": the state follows the last parenthesis.
+    let z = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    z && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() == 1)
+}
+
 fn pid_of(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a pid: {v}"))
 }
@@ -238,9 +247,20 @@ async fn a_worker_that_exits_mid_job_fails_the_job_and_is_replaced() {
     assert!(got["error"].as_str().is_some_and(|e| e.contains("exit status: 4")), "{got}");
     assert_ne!(pid_of(&got["pid"]), parent);
 
+    // A worker killed while idle is replaced before the next job reaches it.
+    let idle = pid_of(&rpc.call("tproc-b", "pid", (), ()).await.unwrap());
+    let killed = std::process::Command::new("kill").args(["-9", &idle.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !zombie(idle) {
+        assert!(tokio::time::Instant::now() < deadline, "worker {idle} did not die");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
     // And the service keeps serving.
     let later = pid_of(&rpc.call("tproc-b", "pid", (), ()).await.unwrap());
-    assert!(later != parent && later != first);
+    assert!(later != parent && later != first && later != idle);
+    assert!(reaped(idle));
     assert_eq!(service.stop().await.unwrap().unfinished, 0);
     assert!(reaped(later));
     assert_eq!(hub.queue_len("microfw.dlq.evt-src-doomed--tproc-b.doomed"), Some(1));
