@@ -12,8 +12,9 @@
 //! between versions; only the length prefix and [`MAX_FRAME`] are fixed.
 //!
 //! What does not cross: a job's [`Extensions`](crate::extract::Extensions) (the worker puts
-//! its own), and a payload a typed filter already decoded ([`PayloadData::Decoded`](crate::extract::PayloadData::Decoded)): the
-//! worker gets its raw body and decodes it again.
+//! its own), and a payload a typed filter already decoded
+//! ([`PayloadData::Decoded`](crate::extract::PayloadData::Decoded)): the worker gets its raw
+//! body and decodes it again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -189,7 +190,7 @@ pub fn encode_to_worker(frame: &ToWorker) -> Result<Vec<u8>, WireError> {
 }
 
 /// Decodes a frame body (without its prefix) a parent sent. A job comes back with empty
-/// [`Extensions`].
+/// [`Extensions`](crate::extract::Extensions).
 pub fn decode_to_worker(body: &[u8]) -> Result<ToWorker, WireError> {
     let wire: WToWorker = serde_json::from_slice(body).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(match wire {
