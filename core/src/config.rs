@@ -124,7 +124,8 @@ pub enum WorkerMode {
     GreedyThread,
     /// `async` (or `asyncio`): handlers are futures on the runtime's executor.
     Async,
-    /// `process`: child processes. A valid value; the current runtimes refuse it.
+    /// `process`: handlers run in child processes started from the service's own program
+    /// (Unix; see the runtimes' `Runner`).
     Process,
 }
 

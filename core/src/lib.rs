@@ -104,6 +104,7 @@ pub mod testing;
 pub mod time;
 pub mod topic;
 pub mod worker_context;
+pub mod worker_wire;
 
 pub use action::{
     Action, CallError, Delivery, Destination, Dispatch, EngineEvent, OutgoingCall, OutgoingEvent, Publish,

@@ -197,6 +197,25 @@ pub fn is_internal_header(name: &str) -> bool {
 }
 
 impl WorkerContext {
+    /// Everything the context holds, for [`worker_wire`](crate::worker_wire): service, method,
+    /// inbound headers, call uuid and the handler's overrides.
+    pub(crate) fn wire_parts(&self) -> (&str, &str, &Headers, u128, &Headers) {
+        (&self.service, &self.method, &self.inbound, self.call_uuid, &self.overrides)
+    }
+
+    /// The inverse of [`wire_parts`](Self::wire_parts).
+    pub(crate) fn from_wire_parts(
+        service: Arc<str>,
+        method: Arc<str>,
+        inbound: Headers,
+        call_uuid: u128,
+        overrides: Headers,
+    ) -> Self {
+        WorkerContext { service, method, inbound, call_uuid, overrides }
+    }
+}
+
+impl WorkerContext {
     /// The string items of the inbound call id stack, oldest first.
     fn inbound_stack(&self) -> impl DoubleEndedIterator<Item = &str> {
         let items = match self.inbound_raw(CALL_ID_STACK) {

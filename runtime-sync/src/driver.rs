@@ -324,6 +324,10 @@ impl Driver {
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();
         self.emits.clear();
+        if unfinished > 0 {
+            // Worker processes still running an abandoned run are killed (and reaped).
+            self.pools.iter().for_each(Pool::abandon);
+        }
         let threads: Vec<_> = self.pools.iter_mut().flat_map(Pool::close).collect();
         // Dropping the receiver makes a worker's outcome send fail, so a thread finishing an
         // abandoned run ends instead of waiting on a channel nobody reads.

@@ -16,7 +16,10 @@
 //! * Worker modes, per context ([`WorkerMode`], default from the config's `WORKER_MODE`,
 //!   overridden with [`Runner::worker_mode`]): `thread` finishes running work at shutdown and
 //!   hands unstarted deliveries back to the broker; `greedy_thread` runs everything already
-//!   held first. Both give up at `SHUTDOWN_TIMEOUT`.
+//!   held first. Both give up at `SHUTDOWN_TIMEOUT`. `process` (Unix) runs the context's
+//!   handlers in `max_workers` child processes started from this program, one job at a time
+//!   each, replaced when they crash and after `MAX_TASKS_PER_CHILD` jobs: see
+//!   [`Runner`]'s section on it for what the program must do.
 //! * Handlers are blocking functions ([`Route::blocking`]); a panic in one is a failed run
 //!   ([`Outcome::Panicked`]), never a crash of the service.
 //! * Deliveries that reached a service before a command was sent to it (a stop, say) are
@@ -61,8 +64,7 @@
 //! ## What it does NOT do
 //!
 //! No async handlers (a start error naming the route) and no `async` worker mode: use
-//! `microfw-runtime-tokio` for those. No `process` worker mode (refused at start: not
-//! supported yet). No AMQP or WebSocket links yet: the only transport is the in-process memory
+//! `microfw-runtime-tokio` for those. No AMQP or WebSocket links yet: the only transport is the in-process memory
 //! hub (shared by every Runner of a process by default); a config with `AMQP_URI` is refused
 //! at start. It does not read the environment or a config
 //! file itself: build the [`Config`] (see
@@ -75,7 +77,11 @@ mod driver;
 mod exporter;
 mod hub;
 mod pool;
+#[cfg(unix)]
+mod process;
 mod runner;
+#[cfg(unix)]
+mod worker;
 
 pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy, TargetDetail};
 pub use driver::StopReport;

@@ -30,10 +30,14 @@ pub(crate) struct WorkItem {
     pub(crate) dispatched: std::time::Instant,
 }
 
-/// `size` threads taking [`WorkItem`]s from one channel.
+/// `size` threads taking [`WorkItem`]s from one channel: each runs the handlers itself
+/// (`thread` modes), or on a worker process it owns (`process` mode, see [`crate::process`]).
 pub(crate) struct Pool {
     jobs: Option<SyncSender<WorkItem>>,
     threads: Vec<JoinHandle<()>>,
+    /// The worker processes (`process` mode; none otherwise).
+    #[cfg(unix)]
+    children: Option<crate::process::Children>,
 }
 
 impl Pool {
@@ -55,7 +59,31 @@ impl Pool {
                 .spawn(move || worker(&rx, &table, &outcomes))?;
             threads.push(thread);
         }
-        Ok(Pool { jobs: Some(tx), threads })
+        Ok(Pool {
+            jobs: Some(tx),
+            threads,
+            #[cfg(unix)]
+            children: None,
+        })
+    }
+
+    /// A pool of process slots (built by [`crate::process::start_pool`]).
+    #[cfg(unix)]
+    pub(crate) fn processes(
+        jobs: SyncSender<WorkItem>,
+        threads: Vec<JoinHandle<()>>,
+        children: crate::process::Children,
+    ) -> Self {
+        Pool { jobs: Some(jobs), threads, children: Some(children) }
+    }
+
+    /// Kills the worker processes (`process` mode) of runs the shutdown timeout abandoned;
+    /// their slots reap them. Nothing for a thread pool: its threads cannot be stopped.
+    pub(crate) fn abandon(&self) {
+        #[cfg(unix)]
+        if let Some(children) = &self.children {
+            children.kill();
+        }
     }
 
     /// Queues a run. `Err` names it if every thread is gone (its job is dropped).
@@ -67,8 +95,13 @@ impl Pool {
         }
     }
 
-    /// Closes the queue; idle threads end. Returns the threads for joining.
+    /// Closes the queue; idle threads end (process slots close their children first).
+    /// Returns the threads for joining.
     pub(crate) fn close(&mut self) -> Vec<JoinHandle<()>> {
+        #[cfg(unix)]
+        if let Some(children) = &self.children {
+            children.closing();
+        }
         self.jobs = None;
         std::mem::take(&mut self.threads)
     }

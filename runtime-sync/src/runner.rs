@@ -2,15 +2,18 @@
 //! worker pools, and stops them.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use microfw_core::config::{Config, ConfigError, ModeError, WorkerMode};
 use microfw_core::extract::Extensions;
 use microfw_core::metrics::ServiceMetrics;
-use microfw_core::{BuildError, Engine, RouteId, RunnerContext};
+use microfw_core::route::ContextSpec;
+use microfw_core::{BuildError, Engine, RouteId, RunnerContext, ServiceSpec};
 
 use crate::chan::SyncSender;
 use crate::client::{Producer, RpcProxy, ServiceHandle};
@@ -46,6 +49,29 @@ const INPUT_CAPACITY: usize = 4096;
 /// Only blocking handlers ([`Route::blocking`](microfw_core::Route::blocking),
 /// [`CallbackRoute::blocking`](microfw_core::CallbackRoute::blocking)) run here: an async
 /// handler is a start error naming its route.
+///
+/// # `process` worker mode
+///
+/// A `process` context (Unix only) runs its handlers in `max_workers` child processes, one
+/// job at a time each. A child is this program started again (the current executable with
+/// the same arguments, or [`worker_command`](Self::worker_command)) with the environment
+/// variable `MICROFW_PROCESS_WORKER=<service>/<context index>`; when that program reaches
+/// `start` (or [`run`](Self::run)) for the same service, `start` serves jobs instead of
+/// starting the service, and exits the process when the service closes its input. So the
+/// program must build the same service (same routes, in the same order) on the way there,
+/// and must not do anything before it that a worker must not do twice. In a worker, `start`
+/// of any other service fails with [`StartError::WorkerOfAnotherService`].
+///
+/// Jobs, outcomes and the requests of the handlers' [`Producer`]s and [`RpcProxy`]s (which
+/// carry the worker's context) travel as frames over a Unix socket that is the child's
+/// standard input; its standard output and error are this process's. Handlers run with the
+/// child's own copy of the state (built by the child's program), and must not read standard
+/// input. A child that exits or breaks the protocol during a job fails the job with
+/// [`Outcome::Panicked`](microfw_core::Outcome::Panicked) (the route's retry policy applies)
+/// and is replaced. `MAX_TASKS_PER_CHILD` retires a child after that many jobs. At stop, the
+/// running jobs finish (within `SHUTDOWN_TIMEOUT`, after which their children are killed)
+/// and every child is closed and reaped. Start fails ([`StartError::WorkerProcess`]) if a
+/// child cannot be started or rebuilds a different service.
 pub struct Runner<S = ()> {
     config: Config,
     state: S,
@@ -53,6 +79,7 @@ pub struct Runner<S = ()> {
     modes: HashMap<usize, WorkerMode>,
     broker: Option<Box<dyn Connect>>,
     websocket: Option<Box<dyn Connect>>,
+    worker_command: Option<(PathBuf, Vec<OsString>)>,
 }
 
 impl Runner<()> {
@@ -65,7 +92,15 @@ impl Runner<()> {
 impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// A runner whose handlers can extract `State<T>` for every `T: FromRef<S>`.
     pub fn with_state(config: Config, state: S) -> Self {
-        Runner { config, state, contexts: Vec::new(), modes: HashMap::new(), broker: None, websocket: None }
+        Runner {
+            config,
+            state,
+            contexts: Vec::new(),
+            modes: HashMap::new(),
+            broker: None,
+            websocket: None,
+            worker_command: None,
+        }
     }
 
     /// Adds a context (micro_framework's `Runner(contexts=[...])`); contexts are numbered
@@ -104,19 +139,37 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         self
     }
 
+    /// Starts `process` workers as `program args...` instead of this program with its own
+    /// arguments (the environment variable naming the service and context is added). The
+    /// command must reach [`start`](Self::start) for this same service.
+    ///
+    /// In a test binary, run the test itself again, alone:
+    /// `.worker_command(std::env::current_exe()?, ["<test name>", "--exact"])`, the test name
+    /// as `cargo test` lists it (with its module path). Everything the test does before this
+    /// runner's `start` then also runs in every worker.
+    pub fn worker_command<A: Into<OsString>>(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: impl IntoIterator<Item = A>,
+    ) -> Self {
+        self.worker_command = Some((program.into(), args.into_iter().map(Into::into).collect()));
+        self
+    }
+
     /// Validates the definition, starts the worker pools and the driver thread, and returns
     /// once every consumer is subscribed.
     pub fn start(self) -> Result<RunningService, StartError> {
-        let Runner { config, state, contexts, modes, broker, websocket } = self;
+        let Runner { config, state, contexts, modes, broker, websocket, worker_command } = self;
         config.validate()?;
         let broker = match broker {
             Some(connector) => connector,
             None if config.amqp_uri.is_some() => return Err(StartError::AmqpUnsupported),
             None => Box::new(MemoryHubHandle::global()),
         };
-        let supported = [WorkerMode::Thread, WorkerMode::GreedyThread];
+        let supported = [WorkerMode::Thread, WorkerMode::GreedyThread, WorkerMode::Process];
+        let supported = &supported[..if cfg!(unix) { 3 } else { 2 }];
         let (service, ctx_modes) =
-            config.plan_service(state, contexts, &modes, &supported).map_err(|e| match e {
+            config.plan_service(state, contexts, &modes, supported).map_err(|e| match e {
                 ModeError::NoSuchContext { index, contexts } => StartError::NoSuchContext { index, contexts },
                 ModeError::Unsupported(WorkerMode::Async) => StartError::AsyncModeUnsupported,
                 _ => StartError::ProcessModeUnsupported,
@@ -128,6 +181,11 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
                 Some(h) if h.is_blocking() => route_pool.push(ctx.into_raw() as usize),
                 _ => return Err(StartError::AsyncHandler { route: route.name.clone() }),
             }
+        }
+        #[cfg(unix)]
+        if let Some(target) = crate::worker::target()? {
+            // A worker process: serve the jobs of one context, then exit.
+            return Err(crate::worker::serve(&target, &spec, &table, config.amqp_dialect));
         }
 
         // The recorder first: the service's metric handles bind to the recorder current when
@@ -148,12 +206,12 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         let (tx, rx) = driver::channel(INPUT_CAPACITY);
         let mut pools = Vec::with_capacity(spec.contexts.len());
         for (i, ctx) in spec.contexts.iter().enumerate() {
-            let thread_name = format!("{}-{}", spec.name, ctx.metric_label);
-            match Pool::start(ctx.max_workers, &thread_name, &table, &tx) {
+            let pool = start_pool(&spec, i, ctx, ctx_modes[i], &config, &worker_command, &table, &tx);
+            match pool {
                 Ok(pool) => pools.push(pool),
                 Err(e) => {
                     pools.iter_mut().for_each(|p| drop(p.close()));
-                    return Err(StartError::Threads(format!("context {i}: {e}")));
+                    return Err(e);
                 }
             }
         }
@@ -308,6 +366,43 @@ impl Drop for RunningService {
     }
 }
 
+/// Starts context `index`'s pool: threads, or worker processes in `process` mode.
+#[allow(clippy::too_many_arguments)]
+fn start_pool<S: Clone + Send + Sync + 'static>(
+    spec: &ServiceSpec,
+    index: usize,
+    ctx: &ContextSpec,
+    mode: WorkerMode,
+    config: &Config,
+    worker_command: &Option<(PathBuf, Vec<OsString>)>,
+    table: &Arc<microfw_core::HandlerTable<S>>,
+    tx: &SyncSender<Input>,
+) -> Result<Pool, StartError> {
+    let name = format!("{}-{}", spec.name, ctx.metric_label);
+    #[cfg(unix)]
+    if mode == WorkerMode::Process {
+        use crate::process::{Spawner, WorkerCommand};
+        use microfw_core::worker_wire::{WorkerHello, WorkerTarget};
+        let command = match worker_command {
+            Some((program, args)) => WorkerCommand { program: program.clone(), args: args.clone() },
+            None => WorkerCommand::current()
+                .map_err(|e| StartError::WorkerProcess(format!("cannot find this program: {e}")))?,
+        };
+        let context = microfw_core::ContextId::from_raw(index as u32);
+        let spawner = Spawner {
+            command,
+            target: WorkerTarget { service: spec.name.to_string(), context },
+            hello: WorkerHello::new(spec, context, 0),
+            max_tasks: config.max_tasks_per_child,
+        };
+        return crate::process::start_pool(ctx.max_workers, &name, spawner, tx)
+            .map_err(|e| StartError::WorkerProcess(format!("context {index}: {e}")));
+    }
+    let _ = (mode, config, worker_command);
+    Pool::start(ctx.max_workers, &name, table, tx)
+        .map_err(|e| StartError::Threads(format!("context {index}: {e}")))
+}
+
 /// How long a link may take to declare and start the service's consumers at start.
 const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -352,9 +447,25 @@ pub enum StartError {
         "AMQP_URI is set, but microfw-runtime-sync has no AMQP transport yet (unset it to use the memory hub)"
     )]
     AmqpUnsupported,
-    /// `WORKER_MODE = process` (for the config or a context).
-    #[error("process worker mode is not supported yet")]
+    /// `WORKER_MODE = process` (for the config or a context) on a platform without Unix
+    /// sockets.
+    #[error("process worker mode needs a Unix platform")]
     ProcessModeUnsupported,
+    /// `process` mode: a worker process could not be started, or did not rebuild the same
+    /// service; or this process is a worker and cannot serve (a bad `MICROFW_PROCESS_WORKER`,
+    /// standard input not a worker socket).
+    #[error("worker process: {0}")]
+    WorkerProcess(String),
+    /// This process is a `process`-mode worker of another service: it starts no service.
+    #[error(
+        "this process is a worker of {worker_of} (MICROFW_PROCESS_WORKER); it does not start service {service:?}"
+    )]
+    WorkerOfAnotherService {
+        /// The worker's target, `<service>/<context index>`.
+        worker_of: String,
+        /// The service whose start was refused.
+        service: String,
+    },
     /// `WORKER_MODE = async` / `asyncio` (for the config or a context).
     #[error("async worker mode needs microfw-runtime-tokio")]
     AsyncModeUnsupported,

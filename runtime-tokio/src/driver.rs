@@ -74,7 +74,7 @@ impl Finished {
 /// Where a route's handler runs.
 pub(crate) struct RouteExec<S> {
     pub(crate) handler: BoxedHandler<S>,
-    /// The context's thread pool, or `None` for async (tokio tasks).
+    /// The context's pool (threads, or worker processes), or `None` for async (tokio tasks).
     pub(crate) pool: Option<usize>,
 }
 
@@ -399,6 +399,10 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         // already back in the queue).
         for (_, task) in self.tasks.drain() {
             task.abort();
+        }
+        if unfinished > 0 {
+            // Worker processes still running an abandoned run are killed (and reaped).
+            self.pools.iter().for_each(Pool::abandon);
         }
         let threads: Vec<_> = self.pools.iter_mut().flat_map(Pool::close).collect();
         drop(self);

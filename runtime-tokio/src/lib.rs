@@ -25,11 +25,16 @@
 //!     handlers run there, and async ones too, each pool thread driving them on its own
 //!     current-thread runtime. On stop, `thread` finishes running work and returns the rest
 //!     to the broker; `greedy_thread` runs everything already held first.
+//!   * `process` (Unix): `max_workers` child processes started from this program run the
+//!     context's handlers (blocking, or async on a current-thread runtime in the child), one
+//!     job at a time each; a child that crashes fails its job and is replaced, and
+//!     `MAX_TASKS_PER_CHILD` retires children. See [`Runner`]'s section on it for what the
+//!     program must do.
 //! * A panicking handler is a failed run ([`Outcome::Panicked`](microfw_core::Outcome)),
 //!   never a crash of the service.
 //! * [`RunningService::stop`] waits at most `SHUTDOWN_TIMEOUT`; runs still going then are
-//!   abandoned (async tasks aborted, pool threads detached) and their deliveries go back to
-//!   the broker.
+//!   abandoned (async tasks aborted, pool threads detached, worker processes killed) and
+//!   their deliveries go back to the broker.
 //!
 //! ```no_run
 //! use microfw_runtime_tokio::extract::Payload;
@@ -71,9 +76,9 @@
 //!
 //! ## What it does NOT do
 //!
-//! No AMQP or WebSocket links yet: the only transport is the in-process memory hub (shared by
-//! every Runner of a process by default); a config with `AMQP_URI` is refused at start. No
-//! `process` worker mode (refused at start). It does not
+//! It does not pick a WebSocket server by itself: WebSocket RPC goes through the broker
+//! link (in-process on the memory hub) unless [`Runner::websocket`] names a WebSocket link.
+//! It does not
 //! read the environment or a config file: build the [`Config`] (for example with
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in. It decides
 //! nothing the Engine decides (retries, acks, deadlines): it carries out actions and reports
@@ -85,7 +90,11 @@ mod driver;
 mod exporter;
 mod hub;
 mod pool;
+#[cfg(unix)]
+mod process;
 mod runner;
+#[cfg(unix)]
+mod worker;
 
 pub use client::{DispatchError, PendingCall, Producer, RpcError, RpcProxy, TargetDetail};
 pub use driver::StopReport;

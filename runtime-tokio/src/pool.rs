@@ -27,10 +27,14 @@ pub(crate) struct WorkItem<S> {
 }
 
 /// `max_workers` threads taking [`WorkItem`]s from one channel and sending each outcome to
-/// the driver.
+/// the driver: each runs the handlers itself (`thread` modes), or on a worker process it owns
+/// (`process` mode, see [`crate::process`]).
 pub(crate) struct Pool<S> {
     jobs: Option<mpsc::Sender<WorkItem<S>>>,
     threads: Vec<JoinHandle<()>>,
+    /// The worker processes (`process` mode; none otherwise).
+    #[cfg(unix)]
+    children: Option<crate::process::Children>,
 }
 
 impl<S: Send + 'static> Pool<S> {
@@ -47,7 +51,31 @@ impl<S: Send + 'static> Pool<S> {
                 .spawn(move || worker(&rx, &outcomes))?;
             threads.push(thread);
         }
-        Ok(Pool { jobs: Some(tx), threads })
+        Ok(Pool {
+            jobs: Some(tx),
+            threads,
+            #[cfg(unix)]
+            children: None,
+        })
+    }
+
+    /// A pool of process slots (built by [`crate::process::start_pool`]).
+    #[cfg(unix)]
+    pub(crate) fn processes(
+        jobs: mpsc::Sender<WorkItem<S>>,
+        threads: Vec<JoinHandle<()>>,
+        children: crate::process::Children,
+    ) -> Self {
+        Pool { jobs: Some(jobs), threads, children: Some(children) }
+    }
+
+    /// Kills the worker processes (`process` mode) of runs the shutdown timeout abandoned;
+    /// their slots reap them. Nothing for a thread pool: its threads cannot be stopped.
+    pub(crate) fn abandon(&self) {
+        #[cfg(unix)]
+        if let Some(children) = &self.children {
+            children.kill();
+        }
     }
 
     /// Queues a run. `Err` gives its id back if every thread is gone.
@@ -59,8 +87,13 @@ impl<S: Send + 'static> Pool<S> {
         }
     }
 
-    /// Closes the queue; idle threads end. Returns the threads for joining.
+    /// Closes the queue; idle threads end (process slots close their children first).
+    /// Returns the threads for joining.
     pub(crate) fn close(&mut self) -> Vec<JoinHandle<()>> {
+        #[cfg(unix)]
+        if let Some(children) = &self.children {
+            children.closing();
+        }
         self.jobs = None;
         std::mem::take(&mut self.threads)
     }

@@ -372,17 +372,14 @@ async fn a_panicking_handler_does_not_take_the_service_down() {
 
 // 6. Start errors.
 
-async fn noop() {}
-
 fn noop_blocking() {}
 
 #[tokio::test]
 async fn bad_configurations_are_refused_at_start() {
     let hub = MemoryHubHandle::new();
     let start = |c: Config| Runner::new(c).hub(hub.clone()).start();
-    let err = start(config("svc", "process")).await.unwrap_err();
-    assert_eq!(err, StartError::ProcessModeUnsupported);
-    assert!(err.to_string().contains("not supported yet"));
+    // Process mode is supported (tests/process.rs); with no context it starts no worker.
+    start(config("svc", "process")).await.unwrap().stop().await.unwrap();
     let err = Config::from_env([("WORKER_MODE", "fibers")]).unwrap_err();
     assert!(err.to_string().contains("\"fibers\""), "{err}");
     assert!("fibers".parse::<WorkerMode>().unwrap_err().to_string().contains("fibers"));
@@ -409,13 +406,6 @@ async fn bad_configurations_are_refused_at_start() {
     assert_eq!(blocking_in_async, StartError::BlockingHandlerInAsyncContext { route: "slow".into() });
     let no_context = Runner::new(config("svc", "async")).worker_mode(0, WorkerMode::Thread).start().await;
     assert_eq!(no_context.unwrap_err(), StartError::NoSuchContext { index: 0, contexts: 0 });
-    let process_override = Runner::new(config("svc", "async"))
-        .context(RunnerContext::new(1).route(Route::new(RpcListener::new(), "m", noop)))
-        .worker_mode(0, WorkerMode::Process)
-        .hub(hub.clone())
-        .start()
-        .await;
-    assert_eq!(process_override.unwrap_err(), StartError::ProcessModeUnsupported);
 }
 
 // Async handlers also run in thread contexts (each worker drives them on its own runtime).

@@ -1,0 +1,538 @@
+//! `process` worker mode, the service's side: a context's pool of worker processes.
+//!
+//! Each of the context's `max_workers` slots is a thread owning one child process at a time,
+//! running one job at a time on it. The child is the service's own binary (or the command
+//! given with [`Runner::worker_command`](crate::Runner::worker_command)), started with
+//! [`WORKER_ENV`] naming the service and context; its standard input is one end of a Unix
+//! socket pair (the other end stays here), over which both sides exchange length-prefixed
+//! JSON frames ([`microfw_core::worker_wire`]). Its standard output and error are this
+//! process's, so a handler printing does not disturb the frames.
+//!
+//! Per child, a reader thread reads its frames: outcomes go to the slot, and the requests of
+//! its handlers' clients (events, RPC calls) go to the driver as if a handler of this process
+//! had sent them, carrying the child's worker context; a responder thread (started on the
+//! first request) writes the answers back, in request order.
+//!
+//! A child that exits or sends a bad frame mid-job fails that job with
+//! [`Outcome::Panicked`] (the retry policy decides what follows); the child is reaped and a
+//! new one started. After `MAX_TASKS_PER_CHILD` jobs a child is retired: its socket is shut
+//! for writing, it exits at end of input, and it is reaped (killed if it has not exited
+//! within [`EXIT_TIMEOUT`]). The pool closes the same way; [`Pool::abandon`] kills the
+//! children of runs the shutdown timeout abandoned.
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use microfw_core::worker_wire::{
+    self, FromWorker, PREFIX_LEN, ToWorker, WORKER_ENV, WorkerHello, WorkerTarget,
+};
+use microfw_core::{CallError, HandlerError, Outcome, PublishError};
+use serde_json::Value;
+
+use crate::chan::{self, Receiver, SyncSender};
+use crate::driver::{Finished, Input};
+use crate::pool::{Pool, WorkItem};
+
+/// How long a new child may take to start and say hello.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a child may take to exit once its input is closed, before it is killed.
+pub(crate) const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The command worker processes are started with.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerCommand {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// This process's executable and arguments.
+    pub(crate) fn current() -> io::Result<Self> {
+        Ok(WorkerCommand { program: std::env::current_exe()?, args: std::env::args_os().skip(1).collect() })
+    }
+}
+
+/// What a context's slots need to start and check their children.
+#[derive(Debug)]
+pub(crate) struct Spawner {
+    pub(crate) command: WorkerCommand,
+    pub(crate) target: WorkerTarget,
+    /// The hello a good child sends (its pid aside).
+    pub(crate) hello: WorkerHello,
+    /// Jobs per child before it is replaced (`None`: never).
+    pub(crate) max_tasks: Option<u32>,
+}
+
+/// Starts `size` slots, each with a ready child, and returns once every child said hello
+/// (or with the first failure, having stopped and reaped every child).
+pub(crate) fn start_pool(
+    size: u32,
+    name: &str,
+    spawner: Spawner,
+    outcomes: &SyncSender<Input>,
+) -> Result<Pool, String> {
+    let spawner = Arc::new(spawner);
+    let (jobs_tx, jobs_rx) = chan::channel::<WorkItem>();
+    let (ready_tx, ready_rx) = chan::channel::<Result<(), String>>();
+    let mut threads = Vec::new();
+    let mut children = Children::default();
+    for i in 0..size.max(1) {
+        let cell = ChildCell::default();
+        children.cells.push(cell.clone());
+        let slot = Slot {
+            closing: children.closing.clone(),
+            spawner: spawner.clone(),
+            jobs: jobs_rx.clone(),
+            outcomes: outcomes.clone(),
+            cell,
+            name: format!("{name}-{i}"),
+        };
+        let ready = ready_tx.clone();
+        match std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || slot.run(&ready)) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = ready_tx.send(Err(format!("cannot start a slot thread: {e}")));
+                break;
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut pool = Pool::processes(jobs_tx, threads, children);
+    let mut failure = None;
+    for _ in 0..size.max(1) {
+        // Each slot answers within its child's ready timeout; a slot thread that died
+        // without answering disconnects the channel once the others answered.
+        match ready_rx.recv_timeout(READY_TIMEOUT + EXIT_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "a worker slot did not report".to_owned());
+                break;
+            }
+        }
+    }
+    match failure {
+        None => Ok(pool),
+        Some(e) => {
+            // The slots whose children did start retire them.
+            for t in pool.close() {
+                let _ = t.join();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The child processes of a pool's slots, so [`Pool::abandon`] can kill them, and whether
+/// the pool is closing (no replacement children then).
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Children {
+    cells: Vec<ChildCell>,
+    closing: Arc<AtomicBool>,
+}
+
+impl Children {
+    /// The pool is closing: slots start no more children.
+    pub(crate) fn closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Kills every child (their slots reap them).
+    pub(crate) fn kill(&self) {
+        self.closing();
+        for cell in &self.cells {
+            if let Some(child) = cell.lock().as_mut() {
+                let _ = child.kill();
+            }
+        }
+    }
+}
+
+/// The child process a slot currently runs. Never held while waiting (a kill never waits for
+/// a run).
+#[derive(Clone, Default, Debug)]
+struct ChildCell(Arc<Mutex<Option<Child>>>);
+
+impl ChildCell {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Slot {
+    closing: Arc<AtomicBool>,
+    spawner: Arc<Spawner>,
+    jobs: Receiver<WorkItem>,
+    outcomes: SyncSender<Input>,
+    cell: ChildCell,
+    name: String,
+}
+
+impl Slot {
+    fn run(self, ready: &SyncSender<Result<(), String>>) {
+        let mut worker = match Worker::spawn(&self.spawner, &self.cell, &self.outcomes, &self.name) {
+            Ok(w) => {
+                let _ = ready.send(Ok(()));
+                Some(w)
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        while let Ok(WorkItem { id, route, job, dispatched }) = self.jobs.recv() {
+            // A child that died while idle is replaced before it gets the job.
+            if let Some(reason) = worker.as_ref().and_then(|w| w.gone(&self.cell)) {
+                let status = kill_and_reap(&self.cell);
+                tracing::warn!(worker = %self.name, "an idle worker process ended ({status}): {reason}");
+                worker = None;
+            }
+            if worker.is_none() {
+                match Worker::spawn(&self.spawner, &self.cell, &self.outcomes, &self.name) {
+                    Ok(w) => worker = Some(w),
+                    Err(e) => {
+                        let outcome = Outcome::Panicked(format!("cannot start a worker process: {e}"));
+                        let done = Finished { id, route, outcome, elapsed: dispatched.elapsed() };
+                        if self.outcomes.send(Input::Outcome(done)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(mut current) = worker.take() else { continue };
+            let outcome = match current.run(job) {
+                Ok(outcome) => {
+                    worker = Some(current);
+                    outcome
+                }
+                Err(reason) => {
+                    let status = current.reap(&self.cell);
+                    let message =
+                        format!("worker process {} exited during the run ({status}): {reason}", current.pid);
+                    tracing::warn!(worker = %self.name, "{message}");
+                    Outcome::Panicked(message)
+                }
+            };
+            let done = Finished { id, route, outcome, elapsed: dispatched.elapsed() };
+            let driver_gone = self.outcomes.send(Input::Outcome(done)).is_err();
+            let spent =
+                worker.as_ref().is_some_and(|w| self.spawner.max_tasks.is_some_and(|max| w.tasks >= max));
+            if spent && let Some(old) = worker.take() {
+                tracing::debug!(worker = %self.name, pid = old.pid, tasks = old.tasks, "recycling a worker process");
+                old.retire(&self.cell);
+            }
+            if driver_gone {
+                break;
+            }
+            if worker.is_none() && !self.closing.load(Ordering::SeqCst) {
+                // The replacement starts now, not when the next job is already waiting.
+                match Worker::spawn(&self.spawner, &self.cell, &self.outcomes, &self.name) {
+                    Ok(w) => worker = Some(w),
+                    Err(e) => tracing::warn!(worker = %self.name, "cannot start a worker process: {e}"),
+                }
+            }
+        }
+        if let Some(w) = worker {
+            w.retire(&self.cell);
+        }
+    }
+}
+
+/// What a child's reader thread reports to its slot.
+enum Event {
+    Frame(FromWorker),
+    /// The child closed its socket, or sent something that is not a frame.
+    Closed(String),
+}
+
+/// One child process, from its slot's point of view.
+struct Worker {
+    pid: u32,
+    writer: Arc<Mutex<UnixStream>>,
+    events: Receiver<Event>,
+    tasks: u32,
+}
+
+impl Worker {
+    /// Starts a child and waits for its hello.
+    fn spawn(
+        spawner: &Spawner,
+        cell: &ChildCell,
+        driver: &SyncSender<Input>,
+        name: &str,
+    ) -> Result<Self, String> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+        let child = Command::new(&spawner.command.program)
+            .args(&spawner.command.args)
+            .env(WORKER_ENV, spawner.target.to_string())
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", spawner.command.program.display()))?;
+        // The Command (and our copy of the child's end) is gone: the child's exit closes the
+        // socket.
+        let pid = child.id();
+        *cell.lock() = Some(child);
+        let started = (|| {
+            let reader = ours.try_clone()?;
+            let writer = Arc::new(Mutex::new(ours));
+            let (events_tx, events) = chan::channel();
+            let relay = Relay {
+                driver: driver.clone(),
+                writer: writer.clone(),
+                responder: None,
+                name: name.to_owned(),
+            };
+            std::thread::Builder::new()
+                .name(format!("{name}-read"))
+                .spawn(move || read_frames(reader, &events_tx, relay))?;
+            io::Result::Ok(Worker { pid, writer, events, tasks: 0 })
+        })();
+        let worker = match started {
+            Ok(w) => w,
+            Err(e) => {
+                kill_and_reap(cell);
+                return Err(format!("cannot watch worker process {pid}: {e}"));
+            }
+        };
+        match worker.events.recv_timeout(READY_TIMEOUT) {
+            Ok(Event::Frame(FromWorker::Hello(hello))) if hello.same_service(&spawner.hello) => {
+                tracing::debug!(worker = name, pid, "worker process ready");
+                Ok(worker)
+            }
+            Ok(Event::Frame(FromWorker::Hello(hello))) => {
+                worker.reap(cell);
+                Err(format!(
+                    "worker process {pid} built service {:?} context {} with routes {:?}, expected {:?} context {} \
+                     with routes {:?} (check the worker command)",
+                    hello.service,
+                    hello.context,
+                    hello.routes,
+                    spawner.hello.service,
+                    spawner.hello.context,
+                    spawner.hello.routes
+                ))
+            }
+            Ok(Event::Frame(_)) => {
+                let status = worker.reap(cell);
+                Err(format!("worker process {pid} did not start with a hello ({status})"))
+            }
+            Ok(Event::Closed(reason)) => {
+                let status = worker.reap(cell);
+                Err(format!(
+                    "worker process {pid} exited before it was ready ({status}): {reason}; it must reach \
+                     Runner::start for service {:?} (see Runner::worker_command)",
+                    spawner.target.service
+                ))
+            }
+            Err(_) => {
+                worker.reap(cell);
+                Err(format!("worker process {pid} was not ready within {READY_TIMEOUT:?}"))
+            }
+        }
+    }
+
+    /// Runs one job: `Ok` with its outcome, or `Err` with why the child is gone or broken
+    /// (the caller reaps it).
+    fn run(&mut self, job: microfw_core::extract::Job) -> Result<Outcome, String> {
+        let dispatch = job.parts.dispatch;
+        let frame = match worker_wire::encode_to_worker(&ToWorker::Job(job)) {
+            Ok(frame) => frame,
+            // The same job would fail the same way: not retryable.
+            Err(e) => {
+                return Ok(Outcome::Failed(
+                    HandlerError::fatal("WorkerFrameError", e.to_string()).in_module("microfw"),
+                ));
+            }
+        };
+        if let Err(e) = lock(&self.writer).write_all(&frame) {
+            return Err(format!("cannot send the job: {e}"));
+        }
+        match self.events.recv() {
+            Ok(Event::Frame(FromWorker::Outcome { dispatch: d, outcome })) if d == dispatch => {
+                self.tasks += 1;
+                Ok(outcome)
+            }
+            Ok(Event::Frame(other)) => Err(format!("unexpected frame {other:?}")),
+            Ok(Event::Closed(reason)) => Err(reason),
+            Err(_) => Err("its reader thread ended".into()),
+        }
+    }
+
+    /// Why the child is gone, if it has exited or its reader reported anything while it was
+    /// idle (an idle child has nothing to say).
+    fn gone(&self, cell: &ChildCell) -> Option<String> {
+        match self.events.try_recv() {
+            Ok(Event::Closed(reason)) => return Some(reason),
+            Ok(Event::Frame(frame)) => return Some(format!("unexpected frame {frame:?}")),
+            Err(TryRecvError::Disconnected) => return Some("its reader thread ended".into()),
+            Err(TryRecvError::Empty) => {}
+        }
+        match cell.lock().as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(_))) => Some("it exited".into()),
+            Some(Err(e)) => Some(format!("cannot check it: {e}")),
+            None => Some("it was reaped".into()),
+        }
+    }
+
+    /// Closes the child's input so it exits, waits for that (killing it after
+    /// [`EXIT_TIMEOUT`]) and reaps it.
+    fn retire(self, cell: &ChildCell) {
+        let _ = lock(&self.writer).shutdown(Shutdown::Write);
+        // Its socket closes when it exits; anything else it still says is of no use now.
+        let exited = loop {
+            match self.events.recv_timeout(EXIT_TIMEOUT) {
+                Ok(Event::Closed(_)) | Err(RecvTimeoutError::Disconnected) => break true,
+                Ok(Event::Frame(_)) => {}
+                Err(RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        if !exited {
+            tracing::warn!(pid = self.pid, "worker process did not exit within {EXIT_TIMEOUT:?}; killing it");
+        }
+        kill_and_reap(cell);
+    }
+
+    /// Kills the child (it may still run after a bad frame), reaps it, and describes how it
+    /// ended.
+    fn reap(&self, cell: &ChildCell) -> String {
+        kill_and_reap(cell)
+    }
+}
+
+/// Kills the cell's child if it still runs, waits for it (no zombie) and empties the cell.
+fn kill_and_reap(cell: &ChildCell) -> String {
+    let Some(mut child) = cell.lock().take() else { return "already reaped".into() };
+    let status = match child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => {
+            let _ = child.kill();
+            child.wait()
+        }
+    };
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("cannot wait for it: {e}"),
+    }
+}
+
+/// Sends the client requests of a child's handlers to the driver and their answers back.
+struct Relay {
+    driver: SyncSender<Input>,
+    writer: Arc<Mutex<UnixStream>>,
+    /// Answers to wait for, in request order; the responder thread starts on the first.
+    responder: Option<SyncSender<Awaiting>>,
+    name: String,
+}
+
+enum Awaiting {
+    Emit(u64, Receiver<Result<(), PublishError>>),
+    Call(u64, Receiver<Result<Value, CallError>>),
+}
+
+impl Relay {
+    fn request(&mut self, frame: FromWorker) -> Result<(), String> {
+        let awaiting = match frame {
+            FromWorker::Emit { request, event } => {
+                let (reply, rx) = chan::sync_channel(1);
+                // A driver that is gone dropped the sender: answered as a stop.
+                let _ = self.driver.send(Input::Emit(event, reply));
+                Awaiting::Emit(request, rx)
+            }
+            FromWorker::Call { request, call } => {
+                let (reply, rx) = chan::sync_channel(1);
+                let _ = self.driver.send(Input::Call(call, reply));
+                Awaiting::Call(request, rx)
+            }
+            other => return Err(format!("unexpected frame {other:?}")),
+        };
+        if self.responder.is_none() {
+            let (tx, rx) = chan::channel::<Awaiting>();
+            let writer = self.writer.clone();
+            std::thread::Builder::new()
+                .name(format!("{}-answer", self.name))
+                .spawn(move || answer(&rx, &writer))
+                .map_err(|e| format!("cannot start a responder thread: {e}"))?;
+            self.responder = Some(tx);
+        }
+        if let Some(responder) = &self.responder {
+            let _ = responder.send(awaiting);
+        }
+        Ok(())
+    }
+}
+
+/// Writes each answer back to the child as it comes, in request order. Every answer comes:
+/// the Engine confirms every event and resolves every call (at its deadline at the latest),
+/// and a stopping driver drops the senders.
+fn answer(awaiting: &Receiver<Awaiting>, writer: &Mutex<UnixStream>) {
+    while let Ok(next) = awaiting.recv() {
+        let frame = match next {
+            Awaiting::Emit(request, rx) => ToWorker::Emitted { request, result: rx.recv().ok() },
+            Awaiting::Call(request, rx) => {
+                ToWorker::Called { request, result: rx.recv().unwrap_or(Err(CallError::ShuttingDown)) }
+            }
+        };
+        // A child that is gone needs no answer.
+        if let Ok(bytes) = worker_wire::encode_to_worker(&frame) {
+            let _ = lock(writer).write_all(&bytes);
+        }
+    }
+}
+
+/// A child's reader thread: until its socket closes, relays its requests and hands every
+/// other frame to the slot.
+fn read_frames(mut reader: UnixStream, events: &SyncSender<Event>, mut relay: Relay) {
+    let closed = loop {
+        let frame = match read_frame(&mut reader) {
+            Ok(Some(body)) => worker_wire::decode_from_worker(&body).map_err(|e| e.to_string()),
+            Ok(None) => break "it closed its socket".to_owned(),
+            Err(e) => break format!("reading its socket: {e}"),
+        };
+        let result = match frame {
+            Ok(frame @ (FromWorker::Emit { .. } | FromWorker::Call { .. })) => relay.request(frame),
+            Ok(frame) => events.send(Event::Frame(frame)).map_err(|_| "its slot is gone".to_owned()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            break e;
+        }
+    };
+    let _ = events.send(Event::Closed(closed));
+}
+
+/// Reads one frame body; `None` at a clean end of stream (between frames).
+pub(crate) fn read_frame(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    let mut filled = 0;
+    while filled < PREFIX_LEN {
+        match reader.read(&mut prefix[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = worker_wire::body_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
