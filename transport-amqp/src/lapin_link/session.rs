@@ -237,7 +237,7 @@ impl Session {
     }
 
     /// Carries out queued items in order, batching publishes and settlements between the
-    /// items that must wait for them. Stops early when the connection goes down: what is
+    /// items that must wait for them. Stops early when the connection is seen down: what is
     /// left stays queued for after the reconnect.
     async fn work(&mut self) -> Flow {
         let mut publishes = Vec::new();
@@ -255,10 +255,16 @@ impl Session {
                 Item::Op(LinkOp::Subscribe(s)) => {
                     self.flush(&mut publishes, &mut settles).await;
                     self.subscribe(s).await;
+                    if self.is_down() {
+                        break;
+                    }
                 }
                 Item::Op(LinkOp::Unsubscribe(id)) => {
                     self.flush(&mut publishes, &mut settles).await;
                     self.unsubscribe(id).await;
+                    if self.is_down() {
+                        break;
+                    }
                 }
                 Item::Barrier(opener) => {
                     self.flush(&mut publishes, &mut settles).await;
@@ -420,19 +426,25 @@ impl Session {
 
     /// A close while the connection is down: nothing can be flushed.
     fn close_while_down(&mut self) {
+        self.fail_queued("the AMQP link closed while disconnected");
+        info!(uri = %self.setup.redacted, "AMQP link closed (while disconnected)");
+    }
+
+    /// Ends everything still queued: publishes fail with `LinkDown`, barriers with `reason`,
+    /// settlements are moot (the broker requeues what they named).
+    fn fail_queued(&mut self, reason: &str) {
         for q in self.queue.drain(..) {
             match q.item {
-                Item::Op(LinkOp::Publish(p)) => self
-                    .shared
-                    .confirm(p.id, Err(PublishError::LinkDown("the AMQP link closed while down".into()))),
-                Item::Barrier(opener) => opener.open(Err("the AMQP link closed while down".into())),
+                Item::Op(LinkOp::Publish(p)) => {
+                    self.shared.confirm(p.id, Err(PublishError::LinkDown(reason.into())))
+                }
+                Item::Barrier(opener) => opener.open(Err(reason.into())),
                 Item::Close { done, .. } => {
                     let _ = done.send(());
                 }
                 Item::Op(_) => {}
             }
         }
-        info!(uri = %self.setup.redacted, "AMQP link closed (while disconnected)");
     }
 
     /// Waits for the confirms in flight, then closes the connection: the broker requeues
@@ -461,23 +473,8 @@ impl Session {
                 debug!(error = %e, "AMQP connection close");
             }
         }
-        self.close_while_down_silently();
+        self.fail_queued("the AMQP link closed");
         info!(uri = %self.setup.redacted, "AMQP link closed");
-    }
-
-    fn close_while_down_silently(&mut self) {
-        for q in self.queue.drain(..) {
-            match q.item {
-                Item::Op(LinkOp::Publish(p)) => {
-                    self.shared.confirm(p.id, Err(PublishError::LinkDown("the AMQP link closed".into())))
-                }
-                Item::Barrier(opener) => opener.open(Err("the AMQP link closed".into())),
-                Item::Close { done, .. } => {
-                    let _ = done.send(());
-                }
-                Item::Op(_) => {}
-            }
-        }
     }
 
     // ---- subscriptions -------------------------------------------------------------------
