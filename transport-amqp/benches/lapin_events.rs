@@ -15,7 +15,8 @@
 //!   woken, feed deliveries and confirms back.
 //!
 //! Run: `cargo bench -p microfw-transport-amqp --features tokio --bench lapin_events`
-//! (`BENCH_EVENTS`, `BENCH_REPEATS` (default 3) override the sizes). Needs RabbitMQ at
+//! (`BENCH_EVENTS`, `BENCH_REPEATS` (default 3) override the sizes; `BENCH_ONLY=raw|link`
+//! runs one variant, for profiling). Needs RabbitMQ at
 //! 127.0.0.1:5672 and `rabbitmqctl` (a vhost of its own is created and deleted).
 
 use std::sync::Arc;
@@ -60,17 +61,47 @@ fn main() {
         "{events} events of {} bytes, persistent, confirms (window {WINDOW}), prefetch {PREFETCH}, {repeats} repeats",
         body.len()
     );
+    // `BENCH_ONLY=link` (or `raw`) runs one variant, for profiling.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "link" || only == "raw" {
+        for round in 0..repeats {
+            let rate = match only.as_str() {
+                "raw" => runtime.block_on(raw_lapin(&uri, events, &body, round)),
+                _ => runtime.block_on(through_link(&uri, events, &body, round)),
+            };
+            println!("round {round}: {only} {rate:.0} msg/s");
+        }
+        return;
+    }
     let (mut raws, mut links) = (Vec::new(), Vec::new());
     for round in 0..repeats {
+        let cpu = cpu_seconds();
         let raw = runtime.block_on(raw_lapin(&uri, events, &body, round));
-        println!("round {round}: raw lapin      {raw:>9.0} msg/s");
+        let raw_cpu = (cpu_seconds() - cpu) * 1e6 / events as f64;
+        println!("round {round}: raw lapin      {raw:>9.0} msg/s  {raw_cpu:5.1} us CPU/msg in this process");
         raws.push(raw);
+        let cpu = cpu_seconds();
         let link = runtime.block_on(through_link(&uri, events, &body, round));
-        println!("round {round}: link + Engine  {link:>9.0} msg/s  ({:.2} of raw)", link / raw);
+        let link_cpu = (cpu_seconds() - cpu) * 1e6 / events as f64;
+        println!(
+            "round {round}: link + Engine  {link:>9.0} msg/s  {link_cpu:5.1} us CPU/msg in this process  ({:.2} of raw)",
+            link / raw
+        );
         links.push(link);
     }
     let (raw, link) = (median(&mut raws), median(&mut links));
     println!("median: raw lapin {raw:.0} msg/s, link + Engine {link:.0} msg/s, ratio {:.2}", link / raw);
+}
+
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`, 100 ticks/s;
+/// 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -314,3 +314,22 @@ async fn a_subscription_the_broker_refuses_fails_the_barrier() {
     assert!(error.contains("rpc-svc") && error.contains("PRECONDITION_FAILED"), "{error}");
     let _ = peer.close(200, "OK".into()).await;
 }
+
+/// A refused login is a `LinkError::Connect` naming the URI without its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_a_connect_error_without_the_password() {
+    use microfw_core::config::{AmqpUri, Config};
+    use microfw_core::link::{ConnectAsync, LinkError, LinkSpec, LinkWaker};
+    let uri = format!("amqp://guest:not-the-password@{}/%2f", microfw_tests::AMQP_AUTHORITY);
+    let config = Config { amqp_uri: Some(AmqpUri::new(uri).unwrap()), ..Config::default() };
+    let spec = LinkSpec { service: "svc".into(), transport: Transport::Broker, config };
+    let result =
+        tokio::time::timeout(WAIT, Box::new(connector()).connect(spec, LinkWaker::noop())).await.unwrap();
+    let Err(LinkError::Connect { transport, reason }) = result else {
+        panic!("connected with a wrong password")
+    };
+    let text = format!("{transport} {reason}");
+    assert!(reason.contains("ACCESS_REFUSED"), "{reason}");
+    assert!(!text.contains("not-the-password"), "{text}");
+    assert!(transport.starts_with("amqp://guest:") && transport.contains("127.0.0.1"), "{transport}");
+}

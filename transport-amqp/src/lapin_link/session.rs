@@ -1,6 +1,10 @@
 //! The session task: owns the connection, carries out the driver's operations in order,
 //! reconnects, and closes.
 
+mod consume;
+mod declare;
+mod publish;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -9,29 +13,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Confirmation, Connection, ErrorKind, PublisherConfirm};
-use microfw_core::broker::ExchangeKind;
+use lapin::types::ShortString;
+use lapin::{Channel, Connection, ErrorKind, PublisherConfirm};
 use microfw_core::link::{BarrierOpener, LinkError, LinkOp};
-use microfw_core::{Delivery, DeliveryTag, LinkId, Publish, PublishError, PublishId, Source, SubscriptionId};
+use microfw_core::{DeliveryTag, Publish, PublishError, PublishId, Source, SubscriptionId};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::acks::{AckLedger, Frame, Settle};
-use super::convert::{self, MAX_BROKER_TAG};
+use super::acks::{AckLedger, Settle};
 use super::{Setup, Shared};
-use crate::decode::decode;
-use crate::encode::{encode, publish_topology};
-use crate::model::OutgoingMessage;
-use crate::topology::{Exchange, Queue, Topology, topology};
+use publish::collect_confirms;
 
 /// How often the session looks at the connection's state when nothing else happens.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
@@ -237,7 +231,7 @@ impl Session {
     }
 
     /// Carries out queued items in order, batching publishes and settlements between the
-    /// items that must wait for them. Stops early when the connection goes down: what is
+    /// items that must wait for them. Stops early when the connection is seen down: what is
     /// left stays queued for after the reconnect.
     async fn work(&mut self) -> Flow {
         let mut publishes = Vec::new();
@@ -255,10 +249,16 @@ impl Session {
                 Item::Op(LinkOp::Subscribe(s)) => {
                     self.flush(&mut publishes, &mut settles).await;
                     self.subscribe(s).await;
+                    if self.is_down() {
+                        break;
+                    }
                 }
                 Item::Op(LinkOp::Unsubscribe(id)) => {
                     self.flush(&mut publishes, &mut settles).await;
                     self.unsubscribe(id).await;
+                    if self.is_down() {
+                        break;
+                    }
                 }
                 Item::Barrier(opener) => {
                     self.flush(&mut publishes, &mut settles).await;
@@ -420,19 +420,25 @@ impl Session {
 
     /// A close while the connection is down: nothing can be flushed.
     fn close_while_down(&mut self) {
+        self.fail_queued("the AMQP link closed while disconnected");
+        info!(uri = %self.setup.redacted, "AMQP link closed (while disconnected)");
+    }
+
+    /// Ends everything still queued: publishes fail with `LinkDown`, barriers with `reason`,
+    /// settlements are moot (the broker requeues what they named).
+    fn fail_queued(&mut self, reason: &str) {
         for q in self.queue.drain(..) {
             match q.item {
-                Item::Op(LinkOp::Publish(p)) => self
-                    .shared
-                    .confirm(p.id, Err(PublishError::LinkDown("the AMQP link closed while down".into()))),
-                Item::Barrier(opener) => opener.open(Err("the AMQP link closed while down".into())),
+                Item::Op(LinkOp::Publish(p)) => {
+                    self.shared.confirm(p.id, Err(PublishError::LinkDown(reason.into())))
+                }
+                Item::Barrier(opener) => opener.open(Err(reason.into())),
                 Item::Close { done, .. } => {
                     let _ = done.send(());
                 }
                 Item::Op(_) => {}
             }
         }
-        info!(uri = %self.setup.redacted, "AMQP link closed (while disconnected)");
     }
 
     /// Waits for the confirms in flight, then closes the connection: the broker requeues
@@ -461,463 +467,10 @@ impl Session {
                 debug!(error = %e, "AMQP connection close");
             }
         }
-        self.close_while_down_silently();
+        self.fail_queued("the AMQP link closed");
         info!(uri = %self.setup.redacted, "AMQP link closed");
     }
-
-    fn close_while_down_silently(&mut self) {
-        for q in self.queue.drain(..) {
-            match q.item {
-                Item::Op(LinkOp::Publish(p)) => {
-                    self.shared.confirm(p.id, Err(PublishError::LinkDown("the AMQP link closed".into())))
-                }
-                Item::Barrier(opener) => opener.open(Err("the AMQP link closed".into())),
-                Item::Close { done, .. } => {
-                    let _ = done.send(());
-                }
-                Item::Op(_) => {}
-            }
-        }
-    }
-
-    // ---- subscriptions -------------------------------------------------------------------
-
-    async fn subscribe(&mut self, s: microfw_core::Subscribe) {
-        if self.subs.contains_key(&s.id) {
-            return;
-        }
-        self.sources.insert(s.id, s.source.clone());
-        self.subs.insert(
-            s.id,
-            Sub {
-                source: Arc::new(s.source),
-                prefetch: s.prefetch,
-                running: None,
-                consumer_tags: Vec::new(),
-            },
-        );
-        if let Err(e) = self.start(s.id, false).await {
-            if self.is_down() {
-                // Restored after the reconnect.
-                return;
-            }
-            error!(subscription = %s.id, error = %e, "cannot subscribe");
-            self.failures.push(format!("subscription {}: {e}", s.id));
-            self.subs.remove(&s.id);
-        }
-    }
-
-    async fn unsubscribe(&mut self, id: SubscriptionId) {
-        let Some(sub) = self.subs.remove(&id) else { return };
-        let Some(key) = sub.running else { return };
-        // The channel stays open: deliveries in flight are still settled on it.
-        if let Some(consumer) = self.consumers.get(&key) {
-            for tag in sub.consumer_tags {
-                if let Err(e) = consumer.channel.basic_cancel(tag, BasicCancelOptions::default()).await {
-                    debug!(subscription = %id, error = %e, "basic.cancel");
-                }
-            }
-        }
-    }
-
-    /// Declares a subscription's topology and starts its consumers on a new channel.
-    /// `restoring`: a reply queue that is gone was lost (its replies with it).
-    async fn start(&mut self, id: SubscriptionId, restoring: bool) -> Result<(), String> {
-        let Some(sub) = self.subs.get(&id) else { return Ok(()) };
-        let (source, prefetch) = (sub.source.clone(), sub.prefetch);
-        let topo = topology(&source, &self.setup.settings);
-        if restoring && let (Source::Replies { .. }, Some(queue)) = (&*source, topo.queues.first()) {
-            self.check_reply_queue(&queue.name).await?;
-        }
-        self.declare(&topo).await.map_err(|e| e.0)?;
-        let Some(live) = &self.live else { return Err("the connection is down".into()) };
-        let channel = live.conn.create_channel().await.map_err(|e| self.setup.scrub(e))?;
-        let qos = u16::try_from(prefetch).unwrap_or(u16::MAX);
-        channel.basic_qos(qos, BasicQosOptions { global: false }).await.map_err(|e| self.setup.scrub(e))?;
-        self.last_key = convert::next_key(self.last_key);
-        let key = self.last_key;
-        let mut tags = Vec::with_capacity(topo.consume.len());
-        for (i, queue) in topo.consume.iter().enumerate() {
-            let name = convert::short("queue", queue).map_err(|e| e.to_string())?;
-            let tag = ShortString::from(format!("microfw.{id}.{key}.{i}"));
-            let consumer = channel
-                .basic_consume(name, tag, BasicConsumeOptions::default(), FieldTable::default())
-                .await
-                .map_err(|e| format!("cannot consume {queue}: {}", self.setup.scrub(e)))?;
-            tags.push(consumer.tag());
-            let task = ConsumerTask {
-                sub: id,
-                key,
-                source: source.clone(),
-                shared: self.shared.clone(),
-                internal: self.internal_tx.clone(),
-            };
-            tokio::spawn(task.run(consumer));
-        }
-        self.consumers.insert(key, ConsumerChannel { channel, ledger: AckLedger::default() });
-        if let Some(sub) = self.subs.get_mut(&id) {
-            sub.running = Some(key);
-            sub.consumer_tags = tags;
-        }
-        debug!(subscription = %id, queues = ?topo.consume, prefetch, "consuming");
-        Ok(())
-    }
-
-    /// A passive declare of the reply queue: when it is gone, its replies are lost.
-    async fn check_reply_queue(&mut self, name: &str) -> Result<(), String> {
-        let Some(live) = &self.live else { return Err("the connection is down".into()) };
-        let queue = convert::short("queue", name).map_err(|e| e.to_string())?;
-        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        match live.declare.queue_declare(queue, passive, FieldTable::default()).await {
-            Ok(_) => Ok(()),
-            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {
-                warn!(queue = name, "the reply queue is gone: pending calls' replies are lost");
-                self.shared.reply_queue_lost();
-                self.reopen_declare().await;
-                Ok(())
-            }
-            Err(e) => Err(self.setup.scrub(e)),
-        }
-    }
-
-    async fn internal_event(&mut self, event: Internal) {
-        match event {
-            Internal::ConsumerEnded { sub, key, reason } => {
-                let down = self.is_down();
-                let Some(s) = self.subs.get_mut(&sub) else { return };
-                if s.running != Some(key) || down {
-                    return;
-                }
-                warn!(subscription = %sub, reason = %reason, "AMQP consumer stopped; restarting it");
-                s.running = None;
-                let tags = std::mem::take(&mut s.consumer_tags);
-                // Other consumers of the subscription may still run on the channel: stop them
-                // (the channel stays, for settling what they delivered).
-                if let Some(consumer) = self.consumers.get(&key) {
-                    if consumer.channel.status().connected() {
-                        for tag in tags {
-                            let _ = consumer.channel.basic_cancel(tag, BasicCancelOptions::default()).await;
-                        }
-                    } else {
-                        self.consumers.remove(&key);
-                    }
-                }
-                self.restart_later(sub, CONSUMER_RESTART);
-            }
-            Internal::Restart { sub } => {
-                let Some(s) = self.subs.get(&sub) else { return };
-                if s.running.is_some() || self.is_down() {
-                    return;
-                }
-                match self.start(sub, true).await {
-                    Ok(()) => info!(subscription = %sub, "AMQP consumer restarted"),
-                    Err(e) if !self.is_down() => {
-                        error!(subscription = %sub, error = %e, "cannot restart a consumer; retrying later");
-                        self.restart_later(sub, CONSUMER_RETRY);
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-
-    fn restart_later(&self, sub: SubscriptionId, after: Duration) {
-        let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = internal.send(Internal::Restart { sub });
-        });
-    }
-
-    // ---- declarations --------------------------------------------------------------------
-
-    /// Declares `t` in order: exchanges, queues, bindings.
-    async fn declare(&mut self, t: &Topology) -> Result<(), DeclareError> {
-        for exchange in &t.exchanges {
-            self.declare_exchange(exchange).await?;
-        }
-        for queue in &t.queues {
-            self.declare_queue(queue).await?;
-        }
-        for b in &t.bindings {
-            let Some(live) = &self.live else { return Err(DeclareError("the connection is down".into())) };
-            let names = (convert::short("queue", &b.queue), convert::short("exchange", &b.exchange));
-            let (Ok(queue), Ok(exchange)) = names else {
-                return Err(DeclareError(format!("binding {b:?}: a name is longer than 255 bytes")));
-            };
-            let key =
-                convert::short("routing key", &b.routing_key).map_err(|e| DeclareError(e.to_string()))?;
-            let bound = live
-                .declare
-                .queue_bind(queue, exchange, key, QueueBindOptions::default(), FieldTable::default())
-                .await;
-            if let Err(e) = bound {
-                let text = format!(
-                    "cannot bind {} to {} with {:?}: {}",
-                    b.queue,
-                    b.exchange,
-                    b.routing_key,
-                    self.setup.scrub(e)
-                );
-                self.reopen_declare().await;
-                return Err(DeclareError(text));
-            }
-        }
-        Ok(())
-    }
-
-    async fn declare_exchange(&mut self, ex: &Exchange) -> Result<(), DeclareError> {
-        let Some(live) = &self.live else { return Err(DeclareError("the connection is down".into())) };
-        let name = convert::short("exchange", &ex.name).map_err(|e| DeclareError(e.to_string()))?;
-        let kind = match ex.kind {
-            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-        };
-        let passive = self.adopted.contains(&ex.name);
-        let options = ExchangeDeclareOptions {
-            passive,
-            durable: ex.durable,
-            auto_delete: ex.auto_delete,
-            ..ExchangeDeclareOptions::default()
-        };
-        let result =
-            live.declare.exchange_declare(name.clone(), kind.clone(), options, FieldTable::default()).await;
-        match result {
-            Ok(()) => {}
-            Err(e) if !passive && soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
-                self.reopen_declare().await;
-                let Some(live) = &self.live else {
-                    return Err(DeclareError("the connection is down".into()));
-                };
-                let options = ExchangeDeclareOptions { passive: true, ..options };
-                if let Err(e) =
-                    live.declare.exchange_declare(name, kind, options, FieldTable::default()).await
-                {
-                    let text = format!("cannot adopt exchange {}: {}", ex.name, self.setup.scrub(e));
-                    self.reopen_declare().await;
-                    return Err(DeclareError(text));
-                }
-                info!(exchange = %ex.name, durable = ex.durable, auto_delete = ex.auto_delete,
-                    "exchange exists with other flags than ours: adopted as it is");
-                self.adopted.insert(ex.name.clone());
-            }
-            Err(e) => {
-                let text = format!("cannot declare exchange {}: {}", ex.name, self.setup.scrub(e));
-                self.reopen_declare().await;
-                return Err(DeclareError(text));
-            }
-        }
-        self.declared_exchanges.insert(ex.name.clone());
-        Ok(())
-    }
-
-    async fn declare_queue(&mut self, q: &Queue) -> Result<(), DeclareError> {
-        let Some(live) = &self.live else { return Err(DeclareError("the connection is down".into())) };
-        let name = convert::short("queue", &q.name).map_err(|e| DeclareError(e.to_string()))?;
-        let options = QueueDeclareOptions {
-            durable: q.durable,
-            exclusive: q.exclusive,
-            auto_delete: q.auto_delete,
-            ..QueueDeclareOptions::default()
-        };
-        let arguments = convert::table_from_headers(&q.arguments);
-        if let Err(e) = live.declare.queue_declare(name, options, arguments).await {
-            let text = format!("cannot declare queue {}: {}", q.name, self.setup.scrub(e));
-            self.reopen_declare().await;
-            return Err(DeclareError(text));
-        }
-        self.declared_queues.insert(q.name.clone());
-        Ok(())
-    }
-
-    /// Opens a new declaring channel after the broker closed the old one (a failed declare
-    /// closes its channel).
-    async fn reopen_declare(&mut self) {
-        let Some(live) = &mut self.live else { return };
-        if live.declare.status().connected() || !live.conn.status().connected() {
-            return;
-        }
-        match live.conn.create_channel().await {
-            Ok(channel) => live.declare = channel,
-            Err(e) => warn!(error = %self.setup.scrub(e), "cannot reopen the declaring channel"),
-        }
-    }
-
-    // ---- publishing ----------------------------------------------------------------------
-
-    /// Encodes and declares for each publish, then writes them all and hands their confirms to
-    /// the collector.
-    async fn publish_batch(&mut self, publishes: Vec<(Publish, Instant)>) {
-        let mut ready = Vec::with_capacity(publishes.len());
-        let mut unsent = Vec::new();
-        for (publish, at) in publishes {
-            match self.prepare(&publish).await {
-                Ok(message) => ready.push((publish, at, message)),
-                Err(NotSent::Down) => unsent.push((publish, at)),
-                Err(NotSent::Failed(e)) => self.shared.confirm(publish.id, Err(e)),
-            }
-        }
-        if !ready.is_empty() && !self.ensure_publish_channel().await {
-            unsent.extend(ready.drain(..).map(|(p, at, _)| (p, at)));
-        }
-        if let Some(live) = &self.live
-            && !ready.is_empty()
-        {
-            let channel = live.publish.clone();
-            let confirms = live.confirms.clone();
-            // Write every message: each future queues its frames when first polled, so they
-            // are polled once in order, then awaited together.
-            let mut writes = Vec::with_capacity(ready.len());
-            for (_, _, (exchange, routing_key, properties, message)) in &ready {
-                let options = BasicPublishOptions { mandatory: message.mandatory, immediate: false };
-                let mut write = Box::pin(channel.basic_publish(
-                    exchange.clone(),
-                    routing_key.clone(),
-                    options,
-                    &message.body,
-                    properties.clone(),
-                ));
-                let first = poll_once(&mut write).await;
-                writes.push((write, first));
-            }
-            let mut results = Vec::with_capacity(writes.len());
-            for (write, first) in writes {
-                results.push(match first {
-                    Poll::Ready(result) => result,
-                    Poll::Pending => write.await,
-                });
-            }
-            let down = !channel.status().connected() && self.is_down();
-            for ((publish, at, _), result) in ready.into_iter().zip(results) {
-                match result {
-                    Ok(confirm) => {
-                        self.in_flight.count.fetch_add(1, Ordering::AcqRel);
-                        if let Err(mpsc::error::SendError((id, _))) = confirms.send((publish.id, confirm)) {
-                            self.in_flight.done();
-                            self.shared.confirm(
-                                id,
-                                Err(PublishError::LinkDown("the publish channel closed".into())),
-                            );
-                        }
-                    }
-                    // Never written: it waits for the reconnect.
-                    Err(_) if down => unsent.push((publish, at)),
-                    Err(e) => self.shared.confirm(
-                        publish.id,
-                        Err(PublishError::LinkDown(format!("not published: {}", self.setup.scrub(e)))),
-                    ),
-                }
-            }
-        }
-        for (publish, at) in unsent.into_iter().rev() {
-            self.queue.push_front(Queued { item: Item::Op(LinkOp::Publish(publish)), at });
-        }
-    }
-
-    /// Declares what `publish` needs (once per connection) and encodes it.
-    async fn prepare(&mut self, publish: &Publish) -> Result<Prepared, NotSent> {
-        let failed = |text: String| NotSent::Failed(PublishError::Other(text));
-        let sources = &self.sources;
-        let settings = &self.setup.settings;
-        let needs =
-            publish_topology(publish, settings, |id| sources.get(&id)).map_err(|e| failed(e.to_string()))?;
-        let message = encode(publish, settings, |id| sources.get(&id)).map_err(|e| failed(e.to_string()))?;
-        let exchange = convert::short("exchange", &message.exchange).map_err(|e| failed(e.to_string()))?;
-        let routing_key =
-            convert::short("routing key", &message.routing_key).map_err(|e| failed(e.to_string()))?;
-        let properties = convert::properties(&message).map_err(|e| failed(e.to_string()))?;
-        let missing = Topology {
-            exchanges: needs
-                .exchanges
-                .into_iter()
-                .filter(|e| !self.declared_exchanges.contains(&e.name))
-                .collect(),
-            queues: needs.queues.into_iter().filter(|q| !self.declared_queues.contains(&q.name)).collect(),
-            bindings: needs.bindings,
-            consume: Vec::new(),
-        };
-        let nothing_missing =
-            missing.exchanges.is_empty() && missing.queues.is_empty() && missing.bindings.is_empty();
-        if !nothing_missing && let Err(e) = self.declare(&missing).await {
-            return Err(if self.is_down() { NotSent::Down } else { failed(e.0) });
-        }
-        Ok((exchange, routing_key, properties, message))
-    }
-
-    /// True when the publishing channel is usable, reopening it after the broker closed it
-    /// (a publish to a missing exchange). What was declared may be gone too: it is declared
-    /// again.
-    async fn ensure_publish_channel(&mut self) -> bool {
-        let Some(live) = &self.live else { return false };
-        if live.publish.status().connected() {
-            return true;
-        }
-        if !live.conn.status().connected() {
-            return false;
-        }
-        warn!("the AMQP publish channel closed; reopening it");
-        match open_publish_channel(&live.conn, self.shared.clone(), self.in_flight.clone()).await {
-            Ok((channel, confirms)) => {
-                self.declared_exchanges.clear();
-                self.declared_queues.clear();
-                if let Some(live) = &mut self.live {
-                    live.publish = channel;
-                    live.confirms = confirms;
-                }
-                true
-            }
-            Err(e) => {
-                warn!(error = %self.setup.scrub(e), "cannot reopen the publish channel");
-                false
-            }
-        }
-    }
-
-    // ---- settling ------------------------------------------------------------------------
-
-    /// Acks and rejects, batched per consumer channel ([`AckLedger`]). Tags of channels that
-    /// are gone are dropped silently.
-    async fn settle_batch(&mut self, settles: Vec<(DeliveryTag, Settle)>) {
-        let mut by_key: Vec<(u32, Vec<(u64, Settle)>)> = Vec::new();
-        for (tag, settle) in settles {
-            let (key, broker_tag) = convert::unpack_tag(tag);
-            match by_key.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, batch)) => batch.push((broker_tag, settle)),
-                None => by_key.push((key, vec![(broker_tag, settle)])),
-            }
-        }
-        for (key, batch) in by_key {
-            let Some(consumer) = self.consumers.get_mut(&key) else { continue };
-            let frames = consumer.ledger.plan(&batch);
-            let channel = consumer.channel.clone();
-            let mut writes: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> = Vec::new();
-            for frame in frames {
-                let mut write: Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>> = match frame {
-                    Frame::Ack { tag, multiple } => {
-                        Box::pin(channel.basic_ack(tag, BasicAckOptions { multiple }))
-                    }
-                    Frame::Reject { tag, requeue } => {
-                        Box::pin(channel.basic_reject(tag, BasicRejectOptions { requeue }))
-                    }
-                };
-                if poll_once(&mut write).await.is_pending() {
-                    writes.push(write);
-                }
-            }
-            for write in writes {
-                if let Err(e) = write.await {
-                    debug!(error = %e, "settling on a closed channel (the broker redelivers)");
-                }
-            }
-            if !channel.status().connected() {
-                self.consumers.remove(&key);
-            }
-        }
-    }
 }
-
-type Prepared = (ShortString, ShortString, lapin::BasicProperties, OutgoingMessage);
 
 impl InFlight {
     fn done(&self) {
@@ -971,76 +524,5 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
             AMQPErrorKind::Hard(_) => None,
         },
         _ => None,
-    }
-}
-
-/// Reports publish confirms as they come (in any order), until the publish channel is gone
-/// and every confirm it had in flight resolved.
-async fn collect_confirms(
-    mut rx: mpsc::UnboundedReceiver<(PublishId, PublisherConfirm)>,
-    shared: Arc<Shared>,
-    in_flight: Arc<InFlight>,
-) {
-    let mut pending = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            item = rx.recv() => match item {
-                Some((id, confirm)) => pending.push(async move { (id, confirm.await) }),
-                None => break,
-            },
-            Some((id, result)) = pending.next(), if !pending.is_empty() => {
-                shared.confirm(id, confirmation(result));
-                in_flight.done();
-            }
-        }
-    }
-    while let Some((id, result)) = pending.next().await {
-        shared.confirm(id, confirmation(result));
-        in_flight.done();
-    }
-}
-
-fn confirmation(result: lapin::Result<Confirmation>) -> Result<(), PublishError> {
-    match result {
-        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
-        Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable),
-        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
-        Err(e) => Err(PublishError::LinkDown(format!("no confirm from the broker: {e}"))),
-    }
-}
-
-/// One consumer's task: decodes deliveries into the shared inbox.
-struct ConsumerTask {
-    sub: SubscriptionId,
-    key: u32,
-    source: Arc<Source>,
-    shared: Arc<Shared>,
-    internal: mpsc::UnboundedSender<Internal>,
-}
-
-impl ConsumerTask {
-    async fn run(self, mut consumer: lapin::Consumer) {
-        let reason = loop {
-            match consumer.next().await {
-                Some(Ok(delivery)) => {
-                    if delivery.delivery_tag > MAX_BROKER_TAG {
-                        break "the channel's delivery tags ran out".to_owned();
-                    }
-                    let tag = convert::pack_tag(self.key, delivery.delivery_tag);
-                    let redelivered = delivery.redelivered;
-                    let envelope = decode(&self.source, convert::incoming(delivery));
-                    self.shared.deliver(Delivery {
-                        link: LinkId::from_raw(0),
-                        tag,
-                        subscription: self.sub,
-                        redelivered,
-                        envelope,
-                    });
-                }
-                Some(Err(e)) => break e.to_string(),
-                None => break "cancelled".to_owned(),
-            }
-        };
-        let _ = self.internal.send(Internal::ConsumerEnded { sub: self.sub, key: self.key, reason });
     }
 }
