@@ -59,6 +59,16 @@
 //! # }
 //! ```
 //!
+//! ## Transports
+//!
+//! * The broker: with `AMQP_URI` set, RabbitMQ through the lapin link (feature `amqp`, on by
+//!   default; [`microfw_transport_amqp::AmqpConnector`]); otherwise the process's
+//!   [`MemoryHubHandle::global`]. [`Runner::broker`] / [`Runner::hub`] name another.
+//! * WebSocket RPC: a service with WebSocket routes serves them on its own server on
+//!   `WEBSOCKET_IP:WEBSOCKET_PORT` (feature `ws`, on by default; limits and token through
+//!   [`Runner::websocket_options`], bound address from [`RunningService::websocket_addr`]).
+//!   [`Runner::websocket`] names another link (a [`MemoryHubHandle`] keeps it in-process).
+//!
 //! ## Metrics
 //!
 //! Every service records micro_framework's Prometheus metrics (`tasks_number`,
@@ -76,9 +86,8 @@
 //!
 //! ## What it does NOT do
 //!
-//! It does not pick a WebSocket server by itself: WebSocket RPC goes through the broker
-//! link (in-process on the memory hub) unless [`Runner::websocket`] names a WebSocket link.
-//! It does not
+//! It does not make outgoing WebSocket calls through the Engine (handlers hold a
+//! `microfw_transport_ws::tokio::WsRpcClient` in their state for that). It does not
 //! read the environment or a config file: build the [`Config`] (for example with
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in. It decides
 //! nothing the Engine decides (retries, acks, deadlines): it carries out actions and reports

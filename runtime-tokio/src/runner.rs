@@ -30,8 +30,8 @@ const INPUT_CAPACITY: usize = 4096;
 ///
 /// Each context runs in the config's `WORKER_MODE` unless [`worker_mode`](Self::worker_mode)
 /// overrides it, with its own budget ([`RunnerContext::new`]); `PREFETCH_COUNT`, when set,
-/// becomes every context's prefetch (never below its budget). `thread` contexts get [`ShutdownMode::FinishRunning`] and `greedy_thread`
-/// contexts [`ShutdownMode::DrainPending`] (overriding the context's own setting); `async`
+/// becomes every context's prefetch (never below its budget). `thread` contexts get [`ShutdownMode::FinishRunning`](microfw_core::ShutdownMode::FinishRunning) and `greedy_thread`
+/// contexts [`ShutdownMode::DrainPending`](microfw_core::ShutdownMode::DrainPending) (overriding the context's own setting); `async`
 /// contexts keep theirs.
 ///
 /// Links: the broker is the process's [`MemoryHubHandle::global`] unless
@@ -69,6 +69,8 @@ pub struct Runner<S = ()> {
     modes: HashMap<usize, WorkerMode>,
     broker: Option<Box<dyn ConnectAsync>>,
     websocket: Option<Box<dyn ConnectAsync>>,
+    #[cfg(feature = "ws")]
+    websocket_options: microfw_transport_ws::ServerOptions,
     worker_command: Option<(PathBuf, Vec<OsString>)>,
 }
 
@@ -89,6 +91,8 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             modes: HashMap::new(),
             broker: None,
             websocket: None,
+            #[cfg(feature = "ws")]
+            websocket_options: Default::default(),
             worker_command: None,
         }
     }
@@ -123,9 +127,21 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         self
     }
 
-    /// Serves and calls WebSocket RPC through the link `connector` opens.
+    /// Serves WebSocket RPC through the link `connector` opens (a
+    /// [`MemoryHubHandle`] keeps it in-process, for tests). By default a service with
+    /// WebSocket routes serves them with its own server on `WEBSOCKET_IP:WEBSOCKET_PORT`
+    /// (feature `ws`; see [`websocket_options`](Self::websocket_options)).
     pub fn websocket(mut self, connector: impl ConnectAsync) -> Self {
         self.websocket = Some(Box::new(connector));
+        self
+    }
+
+    /// Limits, token and address of the service's own WebSocket server (defaults: 1 MiB
+    /// messages, no token, `WEBSOCKET_IP:WEBSOCKET_PORT`). Ignored when
+    /// [`websocket`](Self::websocket) names a link.
+    #[cfg(feature = "ws")]
+    pub fn websocket_options(mut self, options: microfw_transport_ws::ServerOptions) -> Self {
+        self.websocket_options = options;
         self
     }
 
@@ -158,6 +174,10 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// process; a foreign global recorder is a [`StartError::Metrics`]) and serves `/metrics`
     /// on `METRICS.HOST:METRICS.PORT` (see [`RunningService::metrics_addr`]).
     pub async fn start(self) -> Result<RunningService, StartError> {
+        #[cfg(feature = "ws")]
+        let Runner { config, state, contexts, modes, broker, websocket, websocket_options, worker_command } =
+            self;
+        #[cfg(not(feature = "ws"))]
         let Runner { config, state, contexts, modes, broker, websocket, worker_command } = self;
         config.validate()?;
         let broker = match broker {
@@ -242,6 +262,19 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
                 let _ = tx.try_send(Input::Wake);
             })
         };
+        #[cfg(feature = "ws")]
+        let mut websocket_handle = None;
+        let websocket = match websocket {
+            Some(connector) => Some(connector),
+            #[cfg(feature = "ws")]
+            None if serves_websocket(&spec) => {
+                let server = microfw_transport_ws::tokio::WsServer::new(websocket_options)
+                    .with_connections_gauge(metrics.ws_connections());
+                websocket_handle = Some(server.handle());
+                Some(Box::new(server) as Box<dyn ConnectAsync>)
+            }
+            None => None,
+        };
         let links = open_links(&spec.name, &config, broker, websocket, &waker).await?;
         let mut driver = Driver {
             engine,
@@ -281,7 +314,14 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         }
         tracing::info!(service = %spec.name, "started");
         let task = tokio::spawn(driver.run());
-        Ok(RunningService { name: spec.name, handle, task: Some(task), metrics: metrics_lease })
+        Ok(RunningService {
+            name: spec.name,
+            handle,
+            task: Some(task),
+            metrics: metrics_lease,
+            #[cfg(feature = "ws")]
+            websocket: websocket_handle,
+        })
     }
 
     /// Starts the service and runs it until SIGINT or SIGTERM, then stops it gracefully. The
@@ -314,6 +354,9 @@ pub struct RunningService {
     task: Option<JoinHandle<StopReport>>,
     /// This service's use of the `/metrics` server (`ENABLE_METRICS`); released at stop.
     metrics: Option<MetricsLease>,
+    /// The service's own WebSocket server, when it runs one.
+    #[cfg(feature = "ws")]
+    websocket: Option<microfw_transport_ws::WsServerHandle>,
 }
 
 impl RunningService {
@@ -338,6 +381,15 @@ impl RunningService {
     /// the last of them stops (or is dropped).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(MetricsLease::addr)
+    }
+
+    /// The address the service's own WebSocket server listens on (useful with port 0), or
+    /// `None` when it runs none (no WebSocket routes, or [`Runner::websocket`] named a link).
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "ws")]
+        return self.websocket.as_ref().and_then(microfw_transport_ws::WsServerHandle::local_addr);
+        #[cfg(not(feature = "ws"))]
+        None
     }
 
     /// Stops gracefully: consumers are cancelled, each context ends as its shutdown mode says
@@ -403,6 +455,12 @@ async fn start_pool<S: Send + 'static>(
     let _ = (mode, config, worker_command);
     Pool::start(ctx.max_workers, &name, tx.clone())
         .map_err(|e| StartError::Threads(format!("context {index}: {e}")))
+}
+
+/// True when some route of `spec` is a WebSocket RPC method.
+#[cfg(feature = "ws")]
+fn serves_websocket(spec: &ServiceSpec) -> bool {
+    spec.routes.iter().any(|(r, _)| matches!(r.entrypoint, microfw_core::route::Entrypoint::WsRpc(_)))
 }
 
 /// How long a link may take to declare and start the service's consumers at start.
