@@ -42,9 +42,10 @@ const INPUT_CAPACITY: usize = 4096;
 /// setting. Every context gets a fixed pool of `max_workers` OS threads (its budget).
 ///
 /// Links: the broker is the process's [`MemoryHubHandle::global`] unless
-/// [`hub`](Self::hub) or [`broker`](Self::broker) names another; WebSocket RPC goes through
-/// the broker link (the memory hub carries it in-process) unless
-/// [`websocket`](Self::websocket) names a WebSocket link.
+/// [`hub`](Self::hub) or [`broker`](Self::broker) names another. A service with WebSocket
+/// routes serves them on its own server on `WEBSOCKET_IP:WEBSOCKET_PORT` (feature `ws`, on
+/// by default; see [`websocket_options`](Self::websocket_options)) unless
+/// [`websocket`](Self::websocket) names another link.
 ///
 /// Only blocking handlers ([`Route::blocking`](microfw_core::Route::blocking),
 /// [`CallbackRoute::blocking`](microfw_core::CallbackRoute::blocking)) run here: an async
@@ -79,6 +80,8 @@ pub struct Runner<S = ()> {
     modes: HashMap<usize, WorkerMode>,
     broker: Option<Box<dyn Connect>>,
     websocket: Option<Box<dyn Connect>>,
+    #[cfg(feature = "ws")]
+    websocket_options: microfw_transport_ws::ServerOptions,
     worker_command: Option<(PathBuf, Vec<OsString>)>,
 }
 
@@ -99,6 +102,8 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             modes: HashMap::new(),
             broker: None,
             websocket: None,
+            #[cfg(feature = "ws")]
+            websocket_options: Default::default(),
             worker_command: None,
         }
     }
@@ -133,9 +138,19 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         self
     }
 
-    /// Serves and calls WebSocket RPC through the link `connector` opens.
+    /// Serves WebSocket RPC through the link `connector` opens (a [`MemoryHubHandle`] keeps
+    /// it in-process, for tests) instead of the service's own server.
     pub fn websocket(mut self, connector: impl Connect) -> Self {
         self.websocket = Some(Box::new(connector));
+        self
+    }
+
+    /// Limits, token and address of the service's own WebSocket server (defaults: 1 MiB
+    /// messages, no token, `WEBSOCKET_IP:WEBSOCKET_PORT`). Ignored when
+    /// [`websocket`](Self::websocket) names a link.
+    #[cfg(feature = "ws")]
+    pub fn websocket_options(mut self, options: microfw_transport_ws::ServerOptions) -> Self {
+        self.websocket_options = options;
         self
     }
 
@@ -159,6 +174,10 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
     /// Validates the definition, starts the worker pools and the driver thread, and returns
     /// once every consumer is subscribed.
     pub fn start(self) -> Result<RunningService, StartError> {
+        #[cfg(feature = "ws")]
+        let Runner { config, state, contexts, modes, broker, websocket, websocket_options, worker_command } =
+            self;
+        #[cfg(not(feature = "ws"))]
         let Runner { config, state, contexts, modes, broker, websocket, worker_command } = self;
         config.validate()?;
         let broker = match broker {
@@ -226,6 +245,19 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             // Disconnected: it is ending, and closes its links.
             let _ = tx.try_send(Input::Wake);
         });
+        #[cfg(feature = "ws")]
+        let mut websocket_handle = None;
+        let websocket = match websocket {
+            Some(connector) => Some(connector),
+            #[cfg(feature = "ws")]
+            None if serves_websocket(&spec) => {
+                let server = microfw_transport_ws::sync::WsServer::new(websocket_options)
+                    .with_connections_gauge(metrics.ws_connections());
+                websocket_handle = Some(server.handle());
+                Some(Box::new(server) as Box<dyn Connect>)
+            }
+            None => None,
+        };
         let links = match open_links(&spec.name, &config, broker, websocket, &waker) {
             Ok(links) => links,
             Err(e) => {
@@ -276,7 +308,14 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         // The thread is waiting for it: the send cannot fail.
         let _ = driver_tx.send(driver);
         tracing::info!(service = %spec.name, "started");
-        Ok(RunningService { name: spec.name, handle, thread: Some(thread), metrics: metrics_lease })
+        Ok(RunningService {
+            name: spec.name,
+            handle,
+            thread: Some(thread),
+            metrics: metrics_lease,
+            #[cfg(feature = "ws")]
+            websocket: websocket_handle,
+        })
     }
 
     /// Starts the service and blocks until SIGINT or SIGTERM, then stops it gracefully.
@@ -312,6 +351,9 @@ pub struct RunningService {
     thread: Option<JoinHandle<StopReport>>,
     /// This service's use of the `/metrics` server (`ENABLE_METRICS`); released on drop.
     metrics: Option<MetricsLease>,
+    /// The service's own WebSocket server, when it runs one.
+    #[cfg(feature = "ws")]
+    websocket: Option<microfw_transport_ws::WsServerHandle>,
 }
 
 impl RunningService {
@@ -326,6 +368,15 @@ impl RunningService {
     /// the last of them stops.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(MetricsLease::addr)
+    }
+
+    /// The address the service's own WebSocket server listens on (useful with port 0), or
+    /// `None` when it runs none (no WebSocket routes, or [`Runner::websocket`] named a link).
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "ws")]
+        return self.websocket.as_ref().and_then(microfw_transport_ws::WsServerHandle::local_addr);
+        #[cfg(not(feature = "ws"))]
+        None
     }
 
     /// A producer dispatching events as this service, with no worker context.
@@ -407,6 +458,12 @@ fn start_pool<S: Clone + Send + Sync + 'static>(
 const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the broker link, and the WebSocket link when one is configured (otherwise the
+/// True when some route of `spec` is a WebSocket RPC method.
+#[cfg(feature = "ws")]
+fn serves_websocket(spec: &ServiceSpec) -> bool {
+    spec.routes.iter().any(|(r, _)| matches!(r.entrypoint, microfw_core::route::Entrypoint::WsRpc(_)))
+}
+
 /// broker link carries WebSocket RPC too).
 fn open_links(
     service: &str,
