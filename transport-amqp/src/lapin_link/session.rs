@@ -702,6 +702,14 @@ impl Session {
                     "exchange exists with other flags than ours: adopted as it is");
                 self.adopted.insert(ex.name.clone());
             }
+            Err(e) if passive && soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {
+                // The adopted exchange is gone (an auto-delete exchange loses its last
+                // binding): declare it again, with our flags (recursing once at most).
+                info!(exchange = %ex.name, "an adopted exchange is gone: declaring it again");
+                self.adopted.remove(&ex.name);
+                self.reopen_declare().await;
+                return Box::pin(self.declare_exchange(ex)).await;
+            }
             Err(e) => {
                 let text = format!("cannot declare exchange {}: {}", ex.name, self.setup.scrub(e));
                 self.reopen_declare().await;
@@ -751,6 +759,11 @@ impl Session {
     async fn publish_batch(&mut self, publishes: Vec<(Publish, Instant)>) {
         let mut ready = Vec::with_capacity(publishes.len());
         let mut unsent = Vec::new();
+        // A publish to a missing exchange closed the channel: reopen it (forgetting what was
+        // declared) before deciding what these publishes need declared.
+        if !publishes.is_empty() {
+            self.ensure_publish_channel().await;
+        }
         for (publish, at) in publishes {
             match self.prepare(&publish).await {
                 Ok(message) => ready.push((publish, at, message)),
