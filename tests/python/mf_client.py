@@ -13,7 +13,10 @@ SIGINT (micro_framework has no AMQP RPC timeout: the caller must time out).
 
 Environment: AMQP_URI (amqp mode), RPC_TIMEOUT.
 
-Stdout (one line, flushed), exit status 0 unless the command line is bad:
+Stdout (flushed), exit status 0 unless the command line is bad:
+    TARGETS <json>                    amqp mode: the target details the proxy
+                                      was built from (`__list_targets__`),
+                                      sorted by target, printed before the call
     RESULT <json>                     the reply data
     ERROR <exc_type> <json message>   the rebuilt remote (or local) error
 """
@@ -41,6 +44,22 @@ def call_and_report(proxy, target, args, kwargs):
         say("RESULT", json.dumps(result, sort_keys=True))
 
 
+def target_details(proxy):
+    """The details of every target of `proxy` (nested proxies included)."""
+    details = []
+    for item in proxy.targets:
+        if hasattr(item, "target_args"):
+            details.append({
+                "target": item.target,
+                "args": item.target_args,
+                "kwargs": item.target_kwargs,
+                "docstring": item.target_doc,
+            })
+        else:
+            details.extend(target_details(item))
+    return sorted(details, key=lambda d: d["target"])
+
+
 def ws_call(port, target, args, kwargs):
     from micro_framework.websocket.dependencies import WebSocketRPCClient
 
@@ -64,6 +83,7 @@ def amqp_call(service, target, args, kwargs):
             return
         done.set()
         try:
+            say("TARGETS", json.dumps(target_details(remote)))
             call_and_report(remote, target, args, kwargs)
         finally:
             os.kill(os.getpid(), signal.SIGINT)

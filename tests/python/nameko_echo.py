@@ -11,8 +11,14 @@ Environment:
     NAMEKO_EXTRA_CONFIG   optional JSON object merged into the nameko config
                           (e.g. {"AUTO_DELETE_EVENT_EXCHANGES": true})
 
+RPC methods: `echo(value)`, `fail(message)` (raises ValueError),
+`emit(event_type, payload)` (dispatches an event from this service) and
+`context()` (returns this worker's context data, call id stack included).
+
 Stdout protocol (one line each, flushed):
     READY                         after all entrypoints are consuming
+    CONTEXT <type> <json>         the handling worker's context data (call id
+                                  stack included), printed just before EVENT
     EVENT <type> <json payload>   for every handled event
     STOPPED                       after a graceful stop (SIGINT)
 """
@@ -26,6 +32,7 @@ import json
 import os
 
 from nameko.events import EventDispatcher, event_handler
+from nameko.extensions import DependencyProvider
 from nameko.rpc import rpc
 from nameko.runners import ServiceRunner
 
@@ -37,10 +44,18 @@ def say(*parts):
     print(*parts, flush=True)
 
 
+class WorkerContextData(DependencyProvider):
+    """Injects the worker's context data (nameko adds its call id stack)."""
+
+    def get_dependency(self, worker_ctx):
+        return worker_ctx.context_data
+
+
 class EchoService:
     name = SERVICE_NAME
 
     dispatch = EventDispatcher()
+    context_data = WorkerContextData()
 
     @rpc
     def echo(self, value):
@@ -58,8 +73,14 @@ class EchoService:
         self.dispatch(event_type, payload)
         return True
 
+    @rpc
+    def context(self):
+        """Return this worker's context data, `call_id_stack` included."""
+        return self.context_data
+
     @event_handler(EVENT_SOURCE, "ping")
     def on_ping(self, payload):
+        say("CONTEXT", "ping", json.dumps(self.context_data, sort_keys=True, default=str))
         say("EVENT", "ping", json.dumps(payload, sort_keys=True))
 
 

@@ -27,7 +27,7 @@ mod venv;
 
 pub use command::CommandFailure;
 pub use process::{DEFAULT_STOP_GRACE, ProcessError, PythonProcess, free_tcp_port, python_dir};
-pub use rabbit::{AMQP_AUTHORITY, QueueInfo, RabbitError, TestVhost};
+pub use rabbit::{AMQP_AUTHORITY, ExchangeInfo, QueueInfo, RabbitError, TestVhost};
 pub use venv::{PeerError, PeerKind, PythonPeers, SkipReason, Venv};
 
 /// Unwraps a [`PeerError`] result inside a `#[test]` function returning `()`.

@@ -45,6 +45,19 @@ pub struct QueueInfo {
     pub consumers: u64,
 }
 
+/// One row of `rabbitmqctl list_exchanges name type durable auto_delete`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeInfo {
+    /// Exchange name (empty for the default exchange).
+    pub name: String,
+    /// Exchange type: `topic`, `direct`, `fanout`, `headers`, ...
+    pub kind: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted by the broker when its last binding goes.
+    pub auto_delete: bool,
+}
+
 /// A uniquely named RabbitMQ vhost (`microfw-test-<pid>-<n>-<nanos>`) with full permissions for
 /// `guest`, deleted (with everything in it) when dropped, also when the test panics.
 ///
@@ -92,6 +105,27 @@ impl TestVhost {
             "consumers",
         ])?;
         Ok(out.lines().filter_map(parse_queue_line).collect())
+    }
+
+    /// The exchanges currently in the vhost (the broker's predefined ones included).
+    pub fn exchanges(&self) -> Result<Vec<ExchangeInfo>, RabbitError> {
+        let out = ctl(&[
+            "list_exchanges",
+            "-p",
+            &self.name,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "durable",
+            "auto_delete",
+        ])?;
+        Ok(out.lines().filter_map(parse_exchange_line).collect())
+    }
+
+    /// The exchange called `name`, if it exists.
+    pub fn exchange(&self, name: &str) -> Result<Option<ExchangeInfo>, RabbitError> {
+        Ok(self.exchanges()?.into_iter().find(|e| e.name == name))
     }
 
     /// Polls until queue `name` exists with at least `min_consumers` consumers, or `timeout`.
@@ -146,9 +180,33 @@ fn parse_queue_line(line: &str) -> Option<QueueInfo> {
     Some(QueueInfo { name, messages, consumers })
 }
 
+fn parse_exchange_line(line: &str) -> Option<ExchangeInfo> {
+    let mut fields = line.split('\t');
+    let name = fields.next()?.to_owned();
+    let kind = fields.next()?.trim().to_owned();
+    let durable = fields.next()?.trim().parse().ok()?;
+    let auto_delete = fields.next()?.trim().parse().ok()?;
+    Some(ExchangeInfo { name, kind, durable, auto_delete })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_list_exchanges_rows() {
+        assert_eq!(
+            parse_exchange_line("src.events\ttopic\ttrue\tfalse"),
+            Some(ExchangeInfo {
+                name: "src.events".into(),
+                kind: "topic".into(),
+                durable: true,
+                auto_delete: false
+            })
+        );
+        assert_eq!(parse_exchange_line("\tdirect\ttrue\tfalse").map(|e| e.name), Some(String::new()));
+        assert_eq!(parse_exchange_line("Listing exchanges ..."), None);
+    }
 
     #[test]
     fn parses_list_queues_rows() {

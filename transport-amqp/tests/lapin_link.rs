@@ -8,7 +8,7 @@ mod lapin_support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use lapin_support::{Node, WAIT, connector, rabbitmqctl, wait_queue};
@@ -223,6 +223,61 @@ async fn an_events_exchange_a_peer_declared_auto_delete_is_adopted() {
     assert!(src.emitted[0].1.is_ok(), "{:?}", src.emitted);
     svc.run_until("the event handled", WAIT, |n| n.runs.len() == 1).await;
     svc.stop().await;
+    src.stop().await;
+    let _ = peer.close(200, "OK".into()).await;
+}
+
+/// An adopted auto-delete exchange that the broker deleted (its last binding went) is declared
+/// again with our own flags, not looked up passively forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_exchange_that_was_deleted_is_declared_again() {
+    let vhost = TestVhost::create().unwrap();
+    let peer =
+        tokio::time::timeout(WAIT, Connection::connect(&vhost.amqp_uri(), ConnectionProperties::default()))
+            .await
+            .unwrap()
+            .unwrap();
+    let channel = peer.create_channel().await.unwrap();
+    let options =
+        ExchangeDeclareOptions { durable: true, auto_delete: true, ..ExchangeDeclareOptions::default() };
+    channel
+        .exchange_declare("src.events".into(), ExchangeKind::Topic, options, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_declare("peer-q".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "peer-q".into(),
+            "src.events".into(),
+            "evt".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let mut src = Node::start(Service::new("src"), &vhost, connector()).await;
+    let first = src.emit("src", "evt", &json!({"n": 1}));
+    src.run_until("the adopting publish confirmed", WAIT, |n| n.emitted_ok(first).is_some()).await;
+    assert_eq!(src.emitted_ok(first), Some(true), "{:?}", src.emitted);
+
+    // The peer's queue goes, with it the last binding, with that the auto-delete exchange.
+    channel.queue_delete("peer-q".into(), QueueDeleteOptions::default()).await.unwrap();
+    let gone = tokio::task::block_in_place(|| vhost.exchange("src.events")).unwrap();
+    assert_eq!(gone, None);
+
+    // The next publish still goes to the exchange the link remembers and fails (publishes are
+    // not retried); the one after declares it again.
+    let second = src.emit("src", "evt", &json!({"n": 2}));
+    src.run_until("the second publish settled", WAIT, |n| n.emitted_ok(second).is_some()).await;
+    let third = src.emit("src", "evt", &json!({"n": 3}));
+    src.run_until("the third publish settled", WAIT, |n| n.emitted_ok(third).is_some()).await;
+    assert_eq!(src.emitted_ok(third), Some(true), "{:?}", src.emitted);
+    let again = tokio::task::block_in_place(|| vhost.exchange("src.events")).unwrap();
+    assert_eq!(again.map(|e| (e.durable, e.auto_delete)), Some((true, false)), "declared with our flags");
     src.stop().await;
     let _ = peer.close(200, "OK".into()).await;
 }

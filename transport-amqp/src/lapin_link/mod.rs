@@ -25,7 +25,10 @@
 //!   per connection.
 //! * Exchanges are declared with this service's flags; when one exists with other flags
 //!   (406 PRECONDITION_FAILED, e.g. an events exchange a peer declared auto-delete), the link
-//!   reopens its channel and adopts it with a passive declare.
+//!   reopens its channel and adopts it with a passive declare. An adopted exchange that
+//!   disappears (an auto-delete exchange losing its last binding) is declared again with
+//!   this service's flags. A publish to an exchange that vanished fails (`LinkDown`) and
+//!   closes the publish channel; the next batch reopens it and declares what it needs anew.
 //! * When the connection drops, the link reconnects with exponential backoff, declares all
 //!   topology again and resumes its consumers. Publishes handed over meanwhile wait, at most
 //!   [`AmqpConnector::publish_wait`], then fail with `LinkDown`. A reply queue found missing

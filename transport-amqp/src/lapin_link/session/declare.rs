@@ -82,6 +82,14 @@ impl Session {
                     "exchange exists with other flags than ours: adopted as it is");
                 self.adopted.insert(ex.name.clone());
             }
+            Err(e) if passive && soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {
+                // The adopted exchange is gone (an auto-delete exchange loses its last
+                // binding): declare it again, with our flags (recursing once at most).
+                info!(exchange = %ex.name, "an adopted exchange is gone: declaring it again");
+                self.adopted.remove(&ex.name);
+                self.reopen_declare().await;
+                return Box::pin(self.declare_exchange(ex)).await;
+            }
             Err(e) => {
                 let text = format!("cannot declare exchange {}: {}", ex.name, self.setup.scrub(e));
                 self.reopen_declare().await;

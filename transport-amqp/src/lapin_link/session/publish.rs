@@ -29,6 +29,11 @@ impl Session {
     pub(super) async fn publish_batch(&mut self, publishes: Vec<(Publish, Instant)>) {
         let mut ready = Vec::with_capacity(publishes.len());
         let mut unsent = Vec::new();
+        // A publish to a missing exchange closed the channel: reopen it (forgetting what was
+        // declared) before deciding what these publishes need declared.
+        if !publishes.is_empty() {
+            self.ensure_publish_channel().await;
+        }
         for (publish, at) in publishes {
             match self.prepare(&publish).await {
                 Ok(message) => ready.push((publish, at, message)),
