@@ -67,14 +67,15 @@ impl<S> FromJobParts<S> for Producer {
     }
 }
 
-/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`), over the memory hub,
+/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`) over the service's broker
+/// link (RabbitMQ or the memory hub),
 /// blocking the calling thread.
 ///
 /// Every call has a deadline: [`with_timeout`](Self::with_timeout), or the runner's RPC
 /// timeout (`RPC_TIMEOUT`, 30 s by default); the Engine enforces it, so a call always
 /// returns. Calls use the config's `AMQP_DIALECT` (Nameko by default) unless
-/// [`dialect`](Self::dialect) says otherwise. It
-/// does NOT list targets (not in this slice) and does not retry. A handler calling a method
+/// [`dialect`](Self::dialect) says otherwise; [`targets`](Self::targets) lists a
+/// micro_framework-dialect service's methods. It does not retry. A handler calling a method
 /// of its own context with every worker busy waits for its deadline: give such contexts room.
 #[derive(Clone, Debug)]
 pub struct RpcProxy {

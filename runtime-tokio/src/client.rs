@@ -93,12 +93,14 @@ impl<S> FromJobParts<S> for Producer {
     }
 }
 
-/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`), over the memory hub.
+/// Calls other services' RPC methods (Nameko's `ServiceRpcProxy`) over the service's broker
+/// link (RabbitMQ or the memory hub).
 ///
 /// Every call has a deadline: [`with_timeout`](Self::with_timeout), or the runner's RPC
 /// timeout (`Config::rpc_timeout`, 30 s by default). Calls use the config's `AMQP_DIALECT`
-/// (Nameko by default) unless [`dialect`](Self::dialect) says otherwise. It does NOT list targets (not in this slice)
-/// and does not retry.
+/// (Nameko by default) unless [`dialect`](Self::dialect) says otherwise;
+/// [`targets`](Self::targets) lists a micro_framework-dialect service's methods. It does not
+/// retry, and does not call over WebSocket (that is `WsRpcClient`'s job).
 #[derive(Clone, Debug)]
 pub struct RpcProxy {
     handle: ServiceHandle,

@@ -6,13 +6,14 @@
 //!
 //! * One driver task per [`Runner`] owns the service's [`Engine`](microfw_core::Engine) and is
 //!   the only code touching it. Handler outcomes, client commands ([`Producer`],
-//!   [`RpcProxy`]), wake-ups from the hub and the stop request reach it over one bounded
-//!   channel; deliveries wait in the link's inbox on the shared [`MemoryHubHandle`] (bounded
-//!   by the consumers' prefetch).
-//! * Each turn it feeds the Engine every available input, drains every action, and carries
-//!   out the broker operations (subscribe, publish, ack, reject) in one short locked section
-//!   of the hub, which then hands each new delivery to the inbox of the Runner it is for.
-//!   It then sleeps until the next input or the Engine's (or the hub's) next deadline.
+//!   [`RpcProxy`]), wake-ups from its links and the stop request reach it over one bounded
+//!   channel; deliveries wait in their link (bounded by the consumers' prefetch) until the
+//!   driver takes them.
+//! * Each turn it feeds the Engine every available input, drains every action, and hands the
+//!   link operations (subscribe, publish, ack, reject) to its links
+//!   ([`microfw_core::link::Link::exchange`]), taking back what arrived: deliveries and
+//!   publish confirms. It then sleeps until the next input or the Engine's (or a link's) next
+//!   deadline.
 //! * Worker modes, per context ([`WorkerMode`]; the config's `WORKER_MODE` unless
 //!   [`Runner::worker_mode`] overrides it):
 //!   * `async` (alias `asyncio`): async handlers run as tokio tasks; the context budget bounds
