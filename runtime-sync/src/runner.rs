@@ -37,8 +37,8 @@ const INPUT_CAPACITY: usize = 4096;
 /// `RPC_TIMEOUT` go to the Engine, and `AMQP_DIALECT` is the clients' default dialect.
 ///
 /// Each context runs in the config's `WORKER_MODE` unless [`worker_mode`](Self::worker_mode)
-/// overrides it for that context. A `thread` context gets [`ShutdownMode::FinishRunning`] and
-/// a `greedy_thread` context [`ShutdownMode::DrainPending`], overriding the context's own
+/// overrides it for that context. A `thread` context gets [`ShutdownMode::FinishRunning`](microfw_core::ShutdownMode::FinishRunning) and
+/// a `greedy_thread` context [`ShutdownMode::DrainPending`](microfw_core::ShutdownMode::DrainPending), overriding the context's own
 /// setting. Every context gets a fixed pool of `max_workers` OS threads (its budget).
 ///
 /// Links: the broker is the process's [`MemoryHubHandle::global`] unless
