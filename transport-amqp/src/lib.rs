@@ -98,6 +98,8 @@
 //! not decode kombu's `__type__` wrappers (datetime, Decimal...), nor any serializer but JSON.
 #![warn(missing_docs)]
 
+#[cfg(feature = "sync")]
+mod amiquip_link;
 mod decode;
 mod encode;
 mod model;
@@ -114,3 +116,6 @@ pub use topology::{
     dead_letter_topology, events_exchange, queue_name, reply_queue_name, retry_queue_name, retry_topology,
     route_queue, rpc_exchange, topology,
 };
+
+#[cfg(feature = "sync")]
+pub use amiquip_link::AmqpSyncConnector;
