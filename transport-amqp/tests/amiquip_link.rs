@@ -585,6 +585,44 @@ fn a_queue_a_peer_declared_differently_fails_the_barrier() {
     server.link.barrier().wait(WAIT).unwrap();
 }
 
+#[test]
+fn a_deleted_events_exchange_costs_one_publish_not_the_connection() {
+    let vhost = TestVhost::create().unwrap();
+    let wakes = Wakes::new();
+    let mut src = Node::start(Service::with_state("src", Report::default()), &vhost, &wakes);
+    let first = src.emit("evt", json!({"n": 1}));
+    drive(&mut [&mut src], &wakes, "the first event", |n| n[0].emitted.contains_key(&first));
+    assert_eq!(src.emitted[&first], Ok(()));
+    let raw = Raw::new(&vhost);
+    let ports = connection_ports(&vhost);
+    raw.ch.exchange_delete("src.events", false).unwrap();
+
+    // Published to the missing exchange: the broker closes the publish channel (404).
+    let second = src.emit("evt", json!({"n": 2}));
+    drive(&mut [&mut src], &wakes, "the second event", |n| n[0].emitted.contains_key(&second));
+    assert!(matches!(src.emitted[&second], Err(PublishError::LinkDown(_))), "{:?}", src.emitted[&second]);
+    // The next publish declares the exchange again, on a new channel of the same connection.
+    let third = src.emit("evt", json!({"n": 3}));
+    drive(&mut [&mut src], &wakes, "the third event", |n| n[0].emitted.contains_key(&third));
+    assert_eq!(src.emitted[&third], Ok(()));
+    raw.ch.exchange_declare_passive("src.events").unwrap();
+    assert_eq!(connection_ports(&vhost), ports, "no reconnect");
+}
+
+/// The client ports of the vhost's connections (a reconnect gets a new one).
+fn connection_ports(vhost: &TestVhost) -> Vec<String> {
+    let ctl = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let out = std::process::Command::new(ctl)
+        .args(["list_connections", "-p", vhost.name(), "-q", "--no-table-headers", "peer_port"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut ports: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+    ports.sort();
+    ports
+}
+
 /// `rabbitmqctl close_all_connections` for the test's vhost (RabbitMQ 3.10 syntax).
 fn close_all_connections(vhost: &TestVhost) {
     let ctl = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());

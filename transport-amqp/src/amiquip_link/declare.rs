@@ -85,6 +85,12 @@ impl Declarer {
         }
     }
 
+    /// Forgets every exchange (one may have been deleted under us), so the next
+    /// [`ensure`](Self::ensure) declares them again.
+    pub(crate) fn forget_exchanges(&mut self) {
+        self.exchanges.clear();
+    }
+
     /// Forgets queue `name` (it was deleted under us), so the next [`ensure`](Self::ensure)
     /// declares it and its bindings again.
     pub(crate) fn forget_queue(&mut self, name: &str) {

@@ -23,7 +23,8 @@ use microfw_core::{Publish, PublishError, PublishId, Source, Subscribe, Subscrip
 
 use super::Options;
 use super::convert::scrub;
-use super::session::{Channels, Session};
+use super::publisher::Publisher;
+use super::session::Session;
 use crate::AmqpSettings;
 
 /// What the link sends its IO thread.
@@ -148,11 +149,10 @@ impl Io {
 
     /// One connection: open the channels, restore, serve; close it when the link closes.
     fn session(&mut self, mut conn: Connection) -> End {
-        let end = match Channels::open(&mut conn) {
-            Ok(channels) => {
-                // The session (its consumers cancelled) drops before the channels close.
-                Session::new(self, &mut conn, &channels).serve()
-            }
+        let opened = conn.open_channel(None).and_then(|consume| Ok((consume, Publisher::open(&mut conn)?)));
+        let end = match opened {
+            // The session (its consumers cancelled) drops before the consume channel closes.
+            Ok((consume, publisher)) => Session::new(self, &mut conn, &consume, publisher).serve(),
             Err(e) => End::Lost(scrub(&e.to_string(), &self.url)),
         };
         if let End::Closed = end

@@ -49,6 +49,7 @@ mod convert;
 mod declare;
 mod io;
 mod ledger;
+mod publisher;
 mod session;
 
 use std::sync::{Arc, Mutex};

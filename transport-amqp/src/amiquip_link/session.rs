@@ -5,37 +5,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Confirm, Connection, Consumer, ConsumerMessage, ConsumerOptions, Return};
-use crossbeam_channel::{Receiver, Select, TryRecvError};
+use amiquip::{Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions};
+use crossbeam_channel::{Select, TryRecvError};
 use microfw_core::link::LinkOp;
 use microfw_core::{Delivery, DeliveryTag, LinkId, Publish, PublishError, Source, Subscribe};
 use microfw_core::{SubscriptionId, Transport};
 
-use super::confirms::{Confirms, ReturnKey};
-use super::convert::{incoming, properties_out, scrub};
+use super::convert::{incoming, scrub};
 use super::declare::{DeclareError, Declarer};
 use super::io::{End, Io, Item};
 use super::ledger::{AckCmd, AckLedger};
+use super::publisher::{ChannelClosed, Publisher};
 use crate::{decode, encode, publish_topology, topology};
-
-/// The channels of one connection.
-pub(super) struct Channels {
-    consume: Channel,
-    publish: Channel,
-    confirms: Receiver<Confirm>,
-    returns: Receiver<Return>,
-}
-
-impl Channels {
-    pub(super) fn open(conn: &mut Connection) -> amiquip::Result<Self> {
-        let consume = conn.open_channel(None)?;
-        let publish = conn.open_channel(None)?;
-        let returns = publish.listen_for_returns()?;
-        let confirms = publish.listen_for_publisher_confirms()?;
-        publish.enable_publisher_confirms()?;
-        Ok(Channels { consume, publish, confirms, returns })
-    }
-}
 
 /// One consumer of a subscription (micro_framework RPC has one per target queue).
 struct Consuming<'c> {
@@ -48,13 +29,14 @@ struct Consuming<'c> {
 pub(super) struct Session<'a> {
     io: &'a mut Io,
     conn: &'a mut Connection,
-    ch: &'a Channels,
+    /// The channel every consumer uses.
+    consume: &'a Channel,
+    publisher: Publisher,
     declarer: Declarer,
     consumers: Vec<Consuming<'a>>,
     ledger: AckLedger<amiquip::Delivery>,
     /// Our delivery tags to the consume channel's.
     tags: HashMap<DeliveryTag, u64>,
-    confirms: Confirms,
     acks: Vec<AckCmd<amiquip::Delivery>>,
 }
 
@@ -64,16 +46,21 @@ const ITEMS_PER_PASS: usize = 4096;
 const DELIVERIES_PER_PASS: usize = 1024;
 
 impl<'a> Session<'a> {
-    pub(super) fn new(io: &'a mut Io, conn: &'a mut Connection, ch: &'a Channels) -> Self {
+    pub(super) fn new(
+        io: &'a mut Io,
+        conn: &'a mut Connection,
+        consume: &'a Channel,
+        publisher: Publisher,
+    ) -> Self {
         Session {
             io,
             conn,
-            ch,
+            consume,
+            publisher,
             declarer: Declarer::default(),
             consumers: Vec::new(),
             ledger: AckLedger::new(),
             tags: HashMap::new(),
-            confirms: Confirms::new(),
             acks: Vec::new(),
         }
     }
@@ -89,7 +76,7 @@ impl<'a> Session<'a> {
             End::Closed => "the link closed before the broker confirmed the publish".into(),
             End::Lost(reason) => format!("the AMQP connection was lost before the confirm ({reason})"),
         });
-        self.confirms.fail_all(&error, &mut self.io.out.confirms);
+        self.publisher.fail_all(&error, &mut self.io.out.confirms);
         self.io.flush_out();
         end
     }
@@ -140,8 +127,7 @@ impl<'a> Session<'a> {
     fn wait_for_anything(&self) {
         let mut select = Select::new();
         select.recv(&self.io.cmds);
-        select.recv(&self.ch.confirms);
-        select.recv(&self.ch.returns);
+        self.publisher.watch(&mut select);
         for c in &self.consumers {
             select.recv(c.consumer.receiver());
         }
@@ -149,19 +135,19 @@ impl<'a> Session<'a> {
         let _ = select.ready_timeout(Duration::from_secs(1));
     }
 
-    /// Declares and consumes every subscription, sends the publishes that waited, and opens
-    /// the barriers that waited for this.
+    /// Declares and consumes every subscription, then puts the publishes that waited for a
+    /// connection, and after them the barriers that did, at the head of the backlog.
     fn restore(&mut self) -> Result<(), End> {
         let subs: Vec<Subscribe> = self.io.subs.values().cloned().collect();
         for s in &subs {
             self.start(s)?;
         }
-        while let Some((_, p)) = self.io.waiting.pop_front() {
-            self.publish(p)?;
+        let io = &mut *self.io;
+        for b in io.barriers.drain(..).rev() {
+            io.backlog.push_front(Item::Barrier(b));
         }
-        let result = self.io.barrier_result();
-        for b in self.io.barriers.drain(..) {
-            b.open(result.clone());
+        for (_, p) in io.waiting.drain(..).rev() {
+            io.backlog.push_front(Item::Op(LinkOp::Publish(p)));
         }
         Ok(())
     }
@@ -183,7 +169,7 @@ impl<'a> Session<'a> {
             LinkOp::Reject(tag, requeue) => {
                 let token = self.tags.remove(&tag).and_then(|t| self.ledger.take(t));
                 match token {
-                    Some(delivery) => delivery.reject(&self.ch.consume, requeue).map_err(|e| self.lost(&e)),
+                    Some(delivery) => delivery.reject(self.consume, requeue).map_err(|e| self.lost(&e)),
                     None => Ok(()),
                 }
             }
@@ -231,8 +217,7 @@ impl<'a> Session<'a> {
     }
 
     fn consume(&mut self, s: &Subscribe, queue: &str) -> Result<(), End> {
-        let channels: &'a Channels = self.ch;
-        let ch = &channels.consume;
+        let ch: &'a Channel = self.consume;
         let prefetch = u16::try_from(s.prefetch).unwrap_or(u16::MAX);
         ch.qos(0, prefetch, false).map_err(|e| self.lost(&e))?;
         let consumer = ch.basic_consume(queue, ConsumerOptions::default()).map_err(|e| self.lost(&e))?;
@@ -277,29 +262,35 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
             Err(DeclareError::Lost(reason)) => {
-                self.io.waiting.push_front((Instant::now() + self.io.options.publish_wait, p));
+                // Carried out again by the outage loop (it waits) or the next pass.
+                self.io.backlog.push_front(Item::Op(LinkOp::Publish(p)));
                 return Err(End::Lost(reason));
             }
         }
-        let wire = amiquip::Publish {
-            body: &message.body,
-            routing_key: message.routing_key.clone(),
-            mandatory: message.mandatory,
-            immediate: false,
-            properties: properties_out(&message),
-        };
-        if let Err(e) = self.ch.publish.basic_publish(message.exchange.as_str(), wire) {
-            let end = self.lost(&e);
-            self.io.waiting.push_front((Instant::now() + self.io.options.publish_wait, p));
-            return Err(end);
+        let id = p.id;
+        if let Err(e) = self.publisher.send(id, message) {
+            self.io.backlog.push_front(Item::Op(LinkOp::Publish(p)));
+            return self.reopen_publisher(scrub(&e.to_string(), &self.io.url));
         }
-        let key = message.mandatory.then_some(ReturnKey {
-            exchange: message.exchange,
-            routing_key: message.routing_key,
-            correlation_id: message.properties.correlation_id,
-        });
-        self.confirms.sent(p.id, key);
         Ok(())
+    }
+
+    /// The broker closed the publish channel (or the connection is gone): what was not
+    /// confirmed fails, and a new channel is opened if the connection still stands. Exchanges
+    /// are declared again before their next publish (a deleted one is the likely cause).
+    fn reopen_publisher(&mut self, reason: String) -> Result<(), End> {
+        let error =
+            PublishError::LinkDown(format!("the publish channel closed before the confirm ({reason})"));
+        self.publisher.fail_all(&error, &mut self.io.out.confirms);
+        self.declarer.forget_exchanges();
+        match Publisher::open(self.conn) {
+            Ok(publisher) => {
+                tracing::warn!(uri = %self.io.redacted, "the publish channel closed ({reason}); opened a new one");
+                self.publisher = publisher;
+                Ok(())
+            }
+            Err(e) => Err(self.lost(&e)),
+        }
     }
 
     fn drain_consumers(&mut self) -> Result<(), End> {
@@ -384,57 +375,17 @@ impl<'a> Session<'a> {
         });
     }
 
-    /// Reads the confirms (and, before each, the returns that preceded it).
+    /// Reads the publish results that arrived.
     fn drain_confirms(&mut self) -> Result<(), End> {
-        loop {
-            match self.ch.confirms.try_recv() {
-                Ok(confirm) => {
-                    self.drain_returns()?;
-                    match confirm {
-                        Confirm::Ack(c) => {
-                            self.confirms.ack(c.delivery_tag, c.multiple, &mut self.io.out.confirms)
-                        }
-                        Confirm::Nack(c) => {
-                            self.confirms.nack(c.delivery_tag, c.multiple, &mut self.io.out.confirms)
-                        }
-                    }
-                }
-                Err(TryRecvError::Empty) => return self.drain_returns(),
-                Err(TryRecvError::Disconnected) => {
-                    return Err(End::Lost("the publish channel closed".into()));
-                }
-            }
-        }
-    }
-
-    fn drain_returns(&mut self) -> Result<(), End> {
-        loop {
-            match self.ch.returns.try_recv() {
-                Ok(r) => {
-                    let key = ReturnKey {
-                        correlation_id: r.properties.correlation_id().clone(),
-                        exchange: r.exchange,
-                        routing_key: r.routing_key,
-                    };
-                    if !self.confirms.returned(&key) {
-                        tracing::debug!(
-                            exchange = %key.exchange,
-                            routing_key = %key.routing_key,
-                            "a returned message matched no publish"
-                        );
-                    }
-                }
-                Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => {
-                    return Err(End::Lost("the publish channel closed".into()));
-                }
-            }
+        match self.publisher.drain(&mut self.io.out.confirms) {
+            Ok(()) => Ok(()),
+            Err(ChannelClosed) => self.reopen_publisher("closed by the broker".into()),
         }
     }
 
     fn flush_acks(&mut self) -> Result<(), End> {
         self.ledger.flush(&mut self.acks);
-        let consume: &Channel = &self.ch.consume;
+        let consume: &Channel = self.consume;
         for cmd in self.acks.drain(..) {
             let result = match cmd {
                 AckCmd::Single(d) => d.ack(consume),
@@ -450,14 +401,13 @@ impl<'a> Session<'a> {
     /// Everything before the close is carried out: wait for the outstanding confirms (until
     /// `deadline`), then end. Unsettled deliveries go back when the connection closes.
     fn close(&mut self, deadline: Instant) -> Result<(), End> {
-        while !self.confirms.is_empty() {
+        while !self.publisher.is_idle() {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             let mut select = Select::new();
-            select.recv(&self.ch.confirms);
-            select.recv(&self.ch.returns);
+            self.publisher.watch(&mut select);
             let _ = select.ready_timeout(deadline - now);
             self.drain_confirms()?;
             self.io.flush_out();
