@@ -610,16 +610,23 @@ fn a_deleted_events_exchange_costs_one_publish_not_the_connection() {
 }
 
 /// The client ports of the vhost's connections (a reconnect gets a new one).
+/// `list_connections` lists every vhost's: the vhost column filters them.
 fn connection_ports(vhost: &TestVhost) -> Vec<String> {
     let ctl = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
     let out = std::process::Command::new(ctl)
-        .args(["list_connections", "-p", vhost.name(), "-q", "--no-table-headers", "peer_port"])
+        .args(["list_connections", "-q", "--no-table-headers", "vhost", "peer_port"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut ports: Vec<String> =
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ports: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(v, _)| *v == vhost.name())
+        .map(|(_, port)| port.trim().to_owned())
+        .collect();
     ports.sort();
+    assert_eq!(ports.len(), 2, "the node's and the raw connection: {text}");
     ports
 }
 

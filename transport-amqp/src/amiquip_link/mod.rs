@@ -20,7 +20,10 @@
 //!   [`encode`]d message on a confirm channel without waiting, and reports the broker's verdict
 //!   in [`LinkInbox::confirms`]: ack `Ok`, nack [`PublishError::Nacked`], a `basic.return`
 //!   of a mandatory message [`PublishError::Unroutable`], a lost connection
-//!   [`PublishError::LinkDown`] (the message may or may not have reached the broker).
+//!   [`PublishError::LinkDown`] (the message may or may not have reached the broker). If the
+//!   broker closes the publish channel (a publish to an exchange deleted meanwhile), the
+//!   unconfirmed publishes fail with `LinkDown` and a new channel is opened, exchanges being
+//!   declared again: the connection and its consumers stay.
 //! * Ack / Reject: acks are batched per pass, `multiple` only over a contiguous run of done
 //!   tags; rejects go out at once. Settling a delivery from before a reconnect does nothing.
 //! * Events exchanges are declared with `AUTO_DELETE_EVENT_EXCHANGES`; on 406
