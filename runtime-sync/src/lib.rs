@@ -4,10 +4,10 @@
 //! dependency tree). One driver thread owns the service's [`Engine`](microfw_core::Engine)
 //! and is the only code touching it; it blocks on one bounded channel (a mutex and
 //! condvars) with `recv_timeout(next deadline)`. Handler outcomes, client commands ([`Producer`],
-//! [`RpcProxy`]) and stop requests arrive on that channel; deliveries wait in the service's
-//! inbox on the shared [`MemoryHubHandle`], which wakes the driver. After every batch of
-//! inputs the driver drains every action, carries out the broker operations in one short
-//! locked section, and goes back to waiting.
+//! [`RpcProxy`]) and stop requests arrive on that channel; deliveries wait in their link (the
+//! shared [`MemoryHubHandle`], RabbitMQ, the WebSocket server), which wakes the driver. After
+//! every batch of inputs the driver drains every action, hands the link operations to its
+//! links ([`microfw_core::link::Link::exchange`]), and goes back to waiting.
 //!
 //! ## Contract
 //!
@@ -61,12 +61,21 @@
 //! without `ENABLE_METRICS` still records into it when another service installed it first
 //! (its series then show on that server, under its own `service` label).
 //!
+//! ## Transports
+//!
+//! * The broker: with `AMQP_URI` set, RabbitMQ through the amiquip link (feature `amqp`, on by
+//!   default; `microfw_transport_amqp::AmqpSyncConnector`, its IO on its own threads);
+//!   otherwise the process's [`MemoryHubHandle::global`]. [`Runner::broker`] /
+//!   [`Runner::hub`] name another.
+//! * WebSocket RPC: a service with WebSocket routes serves them on its own threaded
+//!   tungstenite server on `WEBSOCKET_IP:WEBSOCKET_PORT` (feature `ws`, on by default; see
+//!   [`Runner::websocket_options`] and [`RunningService::websocket_addr`]).
+//!   [`Runner::websocket`] names another link.
+//!
 //! ## What it does NOT do
 //!
 //! No async handlers (a start error naming the route) and no `async` worker mode: use
-//! `microfw-runtime-tokio` for those. No AMQP or WebSocket links yet: the only transport is the in-process memory
-//! hub (shared by every Runner of a process by default); a config with `AMQP_URI` is refused
-//! at start. It does not read the environment or a config
+//! `microfw-runtime-tokio` for those. It does not read the environment or a config
 //! file itself: build the [`Config`] (see
 //! [`Config::from_env`](microfw_core::config::Config::from_env)) and pass it in.
 #![warn(missing_docs)]

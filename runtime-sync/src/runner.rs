@@ -182,6 +182,9 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         config.validate()?;
         let broker = match broker {
             Some(connector) => connector,
+            #[cfg(feature = "amqp")]
+            None if config.amqp_uri.is_some() => Box::new(microfw_transport_amqp::AmqpSyncConnector::new()),
+            #[cfg(not(feature = "amqp"))]
             None if config.amqp_uri.is_some() => return Err(StartError::AmqpUnsupported),
             None => Box::new(MemoryHubHandle::global()),
         };
@@ -499,9 +502,10 @@ pub enum StartError {
     /// The config is not valid (e.g. `SERVICE_NAME` missing).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `AMQP_URI` is set, but this runtime has no AMQP link yet.
+    /// `AMQP_URI` is set, but this runtime was built without its `amqp` feature.
     #[error(
-        "AMQP_URI is set, but microfw-runtime-sync has no AMQP transport yet (unset it to use the memory hub)"
+        "AMQP_URI is set, but microfw-runtime-sync was built without its `amqp` feature \
+         (enable it, or unset AMQP_URI to use the memory hub)"
     )]
     AmqpUnsupported,
     /// `WORKER_MODE = process` (for the config or a context) on a platform without Unix

@@ -90,15 +90,18 @@
 //!
 //! ## What it does NOT do
 //!
-//! Without features, no IO: the lapin half (feature `tokio`, [`AmqpConnector`]) moves these
-//! messages; the amiquip (blocking) half comes later. The pure half has no publisher confirms,
-//! no reconnect, no consumer management. It does not
-//! answer micro_framework's internal commands `__list_targets__` / `__get_target__`: they decode
-//! as ordinary requests for methods of those names, which the Engine answers with
-//! `MethodNotFound` (`RPCTargetDoesNotExist` on the wire) until core supports listings. It does
-//! not decode kombu's `__type__` wrappers (datetime, Decimal...), nor any serializer but JSON.
+//! Without features, no IO: the lapin half (feature `tokio`, [`AmqpConnector`], for
+//! `microfw-runtime-tokio`) and the amiquip half (feature `sync`, `AmqpSyncConnector`, for
+//! `microfw-runtime-sync`) move these messages; each is a
+//! [`Link`](microfw_core::link::Link) with confirms, reconnect and consumer management. It does
+//! not answer micro_framework's internal commands `__list_targets__` / `__get_target__`: they
+//! decode as ordinary requests, which the Engine answers from its routes. Neither half speaks
+//! TLS (`amqps://`). It does not decode kombu's `__type__` wrappers (datetime, Decimal...), nor
+//! any serializer but JSON.
 #![warn(missing_docs)]
 
+#[cfg(feature = "sync")]
+mod amiquip_link;
 mod decode;
 mod encode;
 #[cfg(feature = "tokio")]
@@ -119,3 +122,6 @@ pub use topology::{
     dead_letter_topology, events_exchange, queue_name, reply_queue_name, retry_queue_name, retry_topology,
     route_queue, rpc_exchange, topology,
 };
+
+#[cfg(feature = "sync")]
+pub use amiquip_link::AmqpSyncConnector;
