@@ -1,5 +1,6 @@
 //! The microfw quickstart, blocking flavour: two real services on `microfw-runtime-sync`,
-//! talking through the embedded memory broker (no RabbitMQ needed).
+//! talking through the embedded memory broker (no RabbitMQ needed), or through RabbitMQ when
+//! `AMQP_URI` is set.
 //!
 //! micro_framework's README example, ported:
 //!
@@ -144,7 +145,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 )),
         )
         .start()?;
-    println!("[quickstart] shop and frontend running on the embedded memory broker; Ctrl-C to stop");
+    let broker = match &base.amqp_uri {
+        Some(uri) => format!("RabbitMQ at {uri}"),
+        None => "the embedded memory broker".to_owned(),
+    };
+    println!("[quickstart] shop and frontend running on {broker}; Ctrl-C to stop");
 
     let reason = wait_for_stop(stop_after)?;
     println!("[quickstart] {reason}: stopping");
