@@ -14,7 +14,7 @@ SIGINT (micro_framework has no AMQP RPC timeout: the caller must time out).
 Environment: AMQP_URI (amqp mode), RPC_TIMEOUT.
 
 Stdout (flushed), exit status 0 unless the command line is bad:
-    TARGETS <json>                    amqp mode: the target details the proxy
+    TARGETS <json>                    the target details the proxy
                                       was built from (`__list_targets__`),
                                       sorted by target, printed before the call
     RESULT <json>                     the reply data
@@ -65,6 +65,7 @@ def ws_call(port, target, args, kwargs):
 
     timeout = float(os.environ.get("RPC_TIMEOUT", "30"))
     proxy = WebSocketRPCClient("127.0.0.1", int(port), timeout=timeout).get_proxy()
+    say("TARGETS", json.dumps(target_details(proxy)))
     call_and_report(proxy, target, args, kwargs)
 
 
