@@ -242,8 +242,9 @@ impl Links {
 
     /// Takes a link action (`Subscribe`, `Unsubscribe`, `Publish`, `Ack`, `Reject`) and
     /// queues it for its link; any other action is handed back. A publish for a transport no
-    /// link carries is confirmed at once as failed, in `inbox`.
-    pub fn route(&mut self, action: crate::Action, inbox: &mut LinkInbox) -> Option<crate::Action> {
+    /// link carries is confirmed at once as failed, in `arrivals`.
+    pub fn route(&mut self, action: crate::Action, arrivals: &mut Arrivals) -> Option<crate::Action> {
+        let inbox = &mut arrivals.inbox;
         use crate::Action;
         let (slot, op) = match action {
             Action::Subscribe(s) => (self.carrier(s.transport), LinkOp::Subscribe(s)),
@@ -283,9 +284,10 @@ impl Links {
     }
 
     /// Exchanges with the links that have operations, or with all of them when `all` (a
-    /// wake-up, or a link deadline passed). Arrivals go to `inbox`, deliveries stamped with
-    /// their link; the transports whose reply queue was lost go to `lost`.
-    pub fn exchange(&mut self, now: Instant, all: bool, inbox: &mut LinkInbox, lost: &mut Vec<Transport>) {
+    /// wake-up, or a link deadline passed). What arrived goes to `arrivals`, deliveries
+    /// stamped with their link.
+    pub fn exchange(&mut self, now: Instant, all: bool, arrivals: &mut Arrivals) {
+        let Arrivals { inbox, lost } = arrivals;
         let mut deadline: Option<Instant> = None;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if all || !slot.ops.is_empty() || slot.deadline.is_some_and(|t| t <= now) {
@@ -318,6 +320,41 @@ impl Links {
         for slot in &mut self.slots {
             slot.link.close(timeout);
         }
+    }
+}
+
+/// What a driver's links handed over ([`Links::exchange`]), waiting to be fed to its Engine.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    /// Deliveries and confirms, in arrival order.
+    pub inbox: LinkInbox,
+    /// Transports whose reply queue a link lost for good.
+    pub lost: Vec<Transport>,
+}
+
+impl Arrivals {
+    /// True when there is nothing to feed.
+    pub fn is_empty(&self) -> bool {
+        self.inbox.is_empty() && self.lost.is_empty()
+    }
+
+    /// Feeds everything to `engine`: deliveries, then publish confirms, then lost reply
+    /// queues. Returns false when there was nothing.
+    pub fn feed(&mut self, engine: &mut crate::Engine, now: Instant) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        for delivery in self.inbox.deliveries.drain(..) {
+            engine.handle_delivery(now, delivery);
+        }
+        for (id, result) in self.inbox.confirms.drain(..) {
+            engine.handle_publish_result(now, id, result);
+        }
+        self.inbox.reply_queue_lost = false;
+        for transport in self.lost.drain(..) {
+            engine.handle_reply_queue_lost(now, transport);
+        }
+        true
     }
 }
 

@@ -21,11 +21,11 @@ use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use microfw_core::extract::Extensions;
-use microfw_core::link::{LinkInbox, LinkWaker, Links};
+use microfw_core::link::{Arrivals, LinkWaker, Links};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Dispatch, DispatchId, Engine, EngineEvent, Instant, Outcome, OutgoingCall,
-    OutgoingEvent, PublishError, PublishId, RouteId, Severity, Transport,
+    OutgoingEvent, PublishError, PublishId, RouteId, Severity,
 };
 use serde_json::Value;
 
@@ -92,9 +92,7 @@ pub(crate) struct Driver {
     pub(crate) calls: HashMap<CallId, SyncSender<Result<Value, CallError>>>,
     pub(crate) emits: HashMap<PublishId, SyncSender<Result<(), PublishError>>>,
     /// What the links handed over, fed to the Engine in the same turn.
-    pub(crate) arrivals: LinkInbox,
-    /// Transports whose reply queue a link lost.
-    pub(crate) lost: Vec<Transport>,
+    pub(crate) arrivals: Arrivals,
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was installed at start).
     pub(crate) metrics: ServiceMetrics,
@@ -173,8 +171,8 @@ impl Driver {
             }
             work |= self.drain_actions();
             if self.links.has_ops() || self.links.deadline().is_some_and(|t| t <= now) {
-                self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
-                work |= !self.arrivals.is_empty() || !self.lost.is_empty();
+                self.links.exchange(now, false, &mut self.arrivals);
+                work |= !self.arrivals.is_empty();
             }
             if !work || self.stopped.is_some() {
                 return;
@@ -186,28 +184,17 @@ impl Driver {
     fn take_inbox_if_pending(&mut self) {
         if self.waker.take() {
             let now = now();
-            self.links.exchange(now, true, &mut self.arrivals, &mut self.lost);
+            self.links.exchange(now, true, &mut self.arrivals);
             self.feed_arrivals(now);
         }
     }
 
     /// Feeds what the links handed over to the Engine; true if there was any.
     fn feed_arrivals(&mut self, now: Instant) -> bool {
-        if self.arrivals.is_empty() && self.lost.is_empty() {
-            return false;
-        }
-        for delivery in self.arrivals.deliveries.drain(..) {
-            self.engine.handle_delivery(now, delivery);
-        }
-        for (id, result) in self.arrivals.confirms.drain(..) {
-            self.engine.handle_publish_result(now, id, result);
-        }
-        self.arrivals.reply_queue_lost = false;
-        for transport in self.lost.drain(..) {
+        for transport in &self.arrivals.lost {
             tracing::warn!(service = self.engine.service(), ?transport, "the reply queue was lost");
-            self.engine.handle_reply_queue_lost(now, transport);
         }
-        true
+        self.arrivals.feed(&mut self.engine, now)
     }
 
     fn input(&mut self, now: Instant, input: Input) {
@@ -311,15 +298,15 @@ impl Driver {
         // their confirms: report them, so an event that did go out is not reported as failed
         // (its Producer would otherwise see ShuttingDown and might publish it again).
         let now = now();
-        for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
+        for (id, result) in std::mem::take(&mut self.arrivals.inbox.confirms) {
             self.engine.handle_publish_result(now, id, result);
         }
         self.drain_actions();
         if self.links.has_ops() {
-            self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
+            self.links.exchange(now, false, &mut self.arrivals);
         }
         // Unsettled deliveries (and any a link still holds) go back to their queues.
-        self.arrivals.deliveries.clear();
+        self.arrivals.inbox.deliveries.clear();
         self.links.close(LINK_CLOSE_TIMEOUT);
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();

@@ -279,7 +279,6 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             calls: HashMap::new(),
             emits: HashMap::new(),
             arrivals: Default::default(),
-            lost: Vec::new(),
             outcomes: Vec::new(),
             metrics,
             shutting_down: false,

@@ -18,13 +18,13 @@ use microfw_core::handler::{BoxedHandler, panic_message};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Dispatch, DispatchId, Engine, EngineEvent, Instant, Outcome, OutgoingCall,
-    OutgoingEvent, PublishError, PublishId, RouteId, Severity, Transport,
+    OutgoingEvent, PublishError, PublishId, RouteId, Severity,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use microfw_core::link::{LinkInbox, LinkWaker, Links};
+use microfw_core::link::{Arrivals, LinkWaker, Links};
 
 use crate::hub::{now, to_tokio};
 use crate::pool::{Pool, WorkItem};
@@ -103,9 +103,7 @@ pub(crate) struct Driver<S> {
     /// Async runs that continue as tasks (aborted if the shutdown timeout abandons them).
     pub(crate) tasks: IdMap<DispatchId, AbortHandle>,
     /// What the links handed over, fed to the Engine in the same turn.
-    pub(crate) arrivals: LinkInbox,
-    /// Transports whose reply queue a link lost.
-    pub(crate) lost: Vec<Transport>,
+    pub(crate) arrivals: Arrivals,
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was current at start).
     pub(crate) metrics: ServiceMetrics,
@@ -202,7 +200,7 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
             // before that input (a stop does not overtake work already delivered).
             let woken = self.waker.take() || std::mem::take(&mut self.force_exchange);
             if woken || self.links.has_ops() || self.links.deadline().is_some_and(|t| t <= now) {
-                self.links.exchange(now, woken, &mut self.arrivals, &mut self.lost);
+                self.links.exchange(now, woken, &mut self.arrivals);
             }
             if self.stopped.is_some() {
                 return false;
@@ -245,21 +243,10 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
 
     /// Feeds what the links handed over to the Engine; true if there was any.
     fn feed_arrivals(&mut self, now: Instant) -> bool {
-        if self.arrivals.is_empty() && self.lost.is_empty() {
-            return false;
-        }
-        for delivery in self.arrivals.deliveries.drain(..) {
-            self.engine.handle_delivery(now, delivery);
-        }
-        for (id, result) in self.arrivals.confirms.drain(..) {
-            self.engine.handle_publish_result(now, id, result);
-        }
-        self.arrivals.reply_queue_lost = false;
-        for transport in self.lost.drain(..) {
+        for transport in &self.arrivals.lost {
             tracing::warn!(service = self.engine.service(), ?transport, "the reply queue was lost");
-            self.engine.handle_reply_queue_lost(now, transport);
         }
-        true
+        self.arrivals.feed(&mut self.engine, now)
     }
 
     fn input(&mut self, now: Instant, input: Input) {
@@ -377,16 +364,16 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         let now = now();
         if self.links.has_ops() {
             // The last acks, rejects and publishes, before the close returns whatever is left.
-            self.links.exchange(now, false, &mut self.arrivals, &mut self.lost);
+            self.links.exchange(now, false, &mut self.arrivals);
         }
         // The Engine stopped with the events and calls of its last batch still waiting for
         // their confirms: report them, so an event that did go out is not reported as failed
         // (its Producer would otherwise see ShuttingDown and might publish it again).
         // Deliveries that arrived meanwhile are not fed: the close returns them.
-        for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
+        for (id, result) in std::mem::take(&mut self.arrivals.inbox.confirms) {
             self.engine.handle_publish_result(now, id, result);
         }
-        self.arrivals.deliveries.clear();
+        self.arrivals.inbox.deliveries.clear();
         self.drain_actions();
         // Closing may wait for the IO side to flush (a broker link): off the reactor.
         let mut links = std::mem::take(&mut self.links);

@@ -290,7 +290,6 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             emits: Default::default(),
             tasks: Default::default(),
             arrivals: Default::default(),
-            lost: Vec::new(),
             outcomes: Vec::new(),
             metrics,
             force_exchange: false,

@@ -31,7 +31,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use microfw_core::config::{AmqpUri, Config};
-use microfw_core::link::{ConnectAsync, LinkInbox, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{Arrivals, ConnectAsync, LinkSpec, LinkWaker, Links};
 use microfw_core::{
     Action, Dialect, Engine, EngineConfig, EventListener, Instant, Outcome, OutgoingEvent, Route,
     RunnerContext, Service, Transport,
@@ -226,7 +226,7 @@ struct Driver {
     links: Links,
     waker: LinkWaker,
     notify: Arc<Notify>,
-    inbox: LinkInbox,
+    arrivals: Arrivals,
 }
 
 impl Driver {
@@ -242,7 +242,7 @@ impl Driver {
         links.add(&[Transport::Broker], link);
         let mut engine = Engine::new(&spec, EngineConfig { seed, ..EngineConfig::default() });
         engine.handle_start(now());
-        let mut driver = Driver { engine, links, waker, notify, inbox: LinkInbox::default() };
+        let mut driver = Driver { engine, links, waker, notify, arrivals: Arrivals::default() };
         driver.pump(&mut |_| {});
         let barriers = driver.links.barriers();
         tokio::task::spawn_blocking(move || barriers.into_iter().try_for_each(|b| b.wait(LIMIT)))
@@ -259,7 +259,7 @@ impl Driver {
             let mut moved = false;
             while let Some(action) = self.engine.poll_action() {
                 moved = true;
-                if let Some(other) = self.links.route(action, &mut self.inbox) {
+                if let Some(other) = self.links.route(action, &mut self.arrivals) {
                     on_action(&other);
                     if let Action::Dispatch(d) = other {
                         self.engine.handle_outcome(now, d.id, Outcome::Success(None));
@@ -267,16 +267,8 @@ impl Driver {
                 }
             }
             self.waker.take();
-            let mut lost = Vec::new();
-            self.links.exchange(now, true, &mut self.inbox, &mut lost);
-            for delivery in self.inbox.deliveries.drain(..) {
-                moved = true;
-                self.engine.handle_delivery(now, delivery);
-            }
-            for (id, result) in self.inbox.confirms.drain(..) {
-                moved = true;
-                self.engine.handle_publish_result(now, id, result);
-            }
+            self.links.exchange(now, true, &mut self.arrivals);
+            moved |= self.arrivals.feed(&mut self.engine, now);
             if !moved {
                 return;
             }

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use microfw_core::config::{AmqpUri, Config};
 use microfw_core::extract::{JobInput, PayloadData};
-use microfw_core::link::{ConnectAsync, LinkInbox, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{Arrivals, ConnectAsync, LinkSpec, LinkWaker, Links};
 use microfw_core::{
     Action, CallError, CallId, Dispatch, EngineConfig, EngineEvent, Instant, Outcome, PublishError,
     PublishId, Service, Transport,
@@ -53,7 +53,7 @@ pub struct Node {
     links: Links,
     waker: LinkWaker,
     notify: Arc<Notify>,
-    inbox: LinkInbox,
+    arrivals: Arrivals,
     /// Dispatches the handler left running (or all of them without a handler).
     pub dispatches: VecDeque<Dispatch>,
     /// Every dispatch made, with its route name and input as JSON.
@@ -99,7 +99,7 @@ impl Node {
             links,
             waker,
             notify,
-            inbox: LinkInbox::default(),
+            arrivals: Arrivals::default(),
             dispatches: VecDeque::new(),
             runs: Vec::new(),
             resolved: Vec::new(),
@@ -133,7 +133,7 @@ impl Node {
             let mut moved = false;
             while let Some(action) = self.engine.poll_action() {
                 moved = true;
-                match self.links.route(action, &mut self.inbox) {
+                match self.links.route(action, &mut self.arrivals) {
                     None => {}
                     Some(Action::Dispatch(d)) => {
                         let name =
@@ -157,20 +157,8 @@ impl Node {
                 }
             }
             self.waker.take();
-            let mut lost = Vec::new();
-            self.links.exchange(now, true, &mut self.inbox, &mut lost);
-            for delivery in self.inbox.deliveries.drain(..) {
-                moved = true;
-                self.engine.handle_delivery(now, delivery);
-            }
-            for (id, result) in self.inbox.confirms.drain(..) {
-                moved = true;
-                self.engine.handle_publish_result(now, id, result);
-            }
-            for transport in lost {
-                moved = true;
-                self.engine.handle_reply_queue_lost(now, transport);
-            }
+            self.links.exchange(now, true, &mut self.arrivals);
+            moved |= self.arrivals.feed(&mut self.engine, now);
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 moved = true;
                 self.engine.handle_timeout(now);

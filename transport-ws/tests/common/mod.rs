@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use microfw_core::config::Config;
 use microfw_core::extract::Params;
-use microfw_core::link::{Link, LinkInbox, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{Arrivals, Link, LinkSpec, LinkWaker, Links};
 use microfw_core::{
     Action, DispatchId, Engine, EngineConfig, HandlerError, HandlerTable, Instant, Outcome, Reply, Route,
     RunnerContext, Service, Transport, WsRpcListener,
@@ -270,31 +270,20 @@ fn drive(
     let handlers = Arc::new(handlers);
     let clock = Clock::new();
     engine.handle_start(clock.now());
-    let mut inbox = LinkInbox::default();
-    let mut lost = Vec::new();
+    let mut arrivals = Arrivals::default();
     let mut stopped = None;
     loop {
-        let mut unrouted = LinkInbox::default();
         while let Some(action) = engine.poll_action() {
-            match links.route(action, &mut unrouted) {
+            match links.route(action, &mut arrivals) {
                 Some(Action::Dispatch(d)) => run(d, &handlers, &outcomes, &runtime),
                 Some(Action::Stopped { unfinished }) => stopped = Some(unfinished),
                 _ => {}
             }
         }
         let now = clock.now();
-        for (id, result) in unrouted.confirms {
-            engine.handle_publish_result(now, id, result);
-        }
         waker.take();
-        links.exchange(now, true, &mut inbox, &mut lost);
-        let moved = !inbox.is_empty();
-        for delivery in inbox.deliveries.drain(..) {
-            engine.handle_delivery(now, delivery);
-        }
-        for (id, result) in inbox.confirms.drain(..) {
-            engine.handle_publish_result(now, id, result);
-        }
+        links.exchange(now, true, &mut arrivals);
+        let moved = arrivals.feed(&mut engine, now);
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
             continue;
