@@ -19,7 +19,8 @@
 //!   held first. Both give up at `SHUTDOWN_TIMEOUT`. `process` (Unix) runs the context's
 //!   handlers in `max_workers` child processes started from this program, one job at a time
 //!   each, replaced when they crash and after `MAX_TASKS_PER_CHILD` jobs: see
-//!   [`Runner`]'s section on it for what the program must do.
+//!   [`Runner`]'s section on it for what the program must do. The pool machinery is the
+//!   public [`process`] module, which `microfw-runtime-tokio` uses too.
 //! * Handlers are blocking functions ([`Route::blocking`]); a panic in one is a failed run
 //!   ([`Outcome::Panicked`]), never a crash of the service.
 //! * Deliveries that reached a service before a command was sent to it (a stop, say) are
@@ -87,7 +88,7 @@ mod exporter;
 mod hub;
 mod pool;
 #[cfg(unix)]
-mod process;
+pub mod process;
 mod runner;
 #[cfg(unix)]
 mod worker;

@@ -35,9 +35,9 @@ pub(crate) struct WorkItem {
 pub(crate) struct Pool {
     jobs: Option<SyncSender<WorkItem>>,
     threads: Vec<JoinHandle<()>>,
-    /// The worker processes (`process` mode; none otherwise).
+    /// The worker processes (`process` mode; the fields above are empty then).
     #[cfg(unix)]
-    children: Option<crate::process::Children>,
+    processes: Option<crate::process::ProcessPool>,
 }
 
 impl Pool {
@@ -63,31 +63,32 @@ impl Pool {
             jobs: Some(tx),
             threads,
             #[cfg(unix)]
-            children: None,
+            processes: None,
         })
     }
 
-    /// A pool of process slots (built by [`crate::process::start_pool`]).
+    /// A pool of worker processes.
     #[cfg(unix)]
-    pub(crate) fn processes(
-        jobs: SyncSender<WorkItem>,
-        threads: Vec<JoinHandle<()>>,
-        children: crate::process::Children,
-    ) -> Self {
-        Pool { jobs: Some(jobs), threads, children: Some(children) }
+    pub(crate) fn processes(pool: crate::process::ProcessPool) -> Self {
+        Pool { jobs: None, threads: Vec::new(), processes: Some(pool) }
     }
 
     /// Kills the worker processes (`process` mode) of runs the shutdown timeout abandoned;
     /// their slots reap them. Nothing for a thread pool: its threads cannot be stopped.
     pub(crate) fn abandon(&self) {
         #[cfg(unix)]
-        if let Some(children) = &self.children {
-            children.kill();
+        if let Some(processes) = &self.processes {
+            processes.abandon();
         }
     }
 
     /// Queues a run. `Err` names it if every thread is gone (its job is dropped).
     pub(crate) fn submit(&self, item: WorkItem) -> Result<(), DispatchId> {
+        #[cfg(unix)]
+        if let Some(processes) = &self.processes {
+            let WorkItem { id, route, job, dispatched } = item;
+            return processes.submit(crate::process::ProcessJob { id, route, job, dispatched });
+        }
         let id = item.id;
         match &self.jobs {
             Some(tx) => tx.send(item).map_err(|_| id),
@@ -99,8 +100,8 @@ impl Pool {
     /// Returns the threads for joining.
     pub(crate) fn close(&mut self) -> Vec<JoinHandle<()>> {
         #[cfg(unix)]
-        if let Some(children) = &self.children {
-            children.closing();
+        if let Some(processes) = &mut self.processes {
+            return processes.close();
         }
         self.jobs = None;
         std::mem::take(&mut self.threads)

@@ -448,8 +448,14 @@ fn start_pool<S: Clone + Send + Sync + 'static>(
             hello: WorkerHello::new(spec, context, 0),
             max_tasks: config.max_tasks_per_child,
         };
-        return crate::process::start_pool(ctx.max_workers, &name, spawner, tx)
-            .map_err(|e| StartError::WorkerProcess(format!("context {index}: {e}")));
+        return crate::process::ProcessPool::start(
+            ctx.max_workers,
+            &name,
+            spawner,
+            &crate::worker::Port(tx.clone()),
+        )
+        .map(Pool::processes)
+        .map_err(|e| StartError::WorkerProcess(format!("context {index}: {e}")));
     }
     let _ = (mode, config, worker_command);
     Pool::start(ctx.max_workers, &name, table, tx)
