@@ -100,8 +100,6 @@ mod driver;
 mod exporter;
 mod hub;
 mod pool;
-#[cfg(unix)]
-mod process;
 mod runner;
 #[cfg(unix)]
 mod worker;

@@ -14,6 +14,8 @@ use microfw_core::{DispatchId, Outcome, RouteId};
 use tokio::sync::mpsc::Sender;
 
 use crate::driver::{Finished, Input};
+#[cfg(unix)]
+use microfw_runtime_sync::process::{ProcessJob, ProcessPool};
 
 /// One run for a pool thread.
 pub(crate) struct WorkItem<S> {
@@ -28,13 +30,13 @@ pub(crate) struct WorkItem<S> {
 
 /// `max_workers` threads taking [`WorkItem`]s from one channel and sending each outcome to
 /// the driver: each runs the handlers itself (`thread` modes), or on a worker process it owns
-/// (`process` mode, see [`crate::process`]).
+/// (`process` mode, see [`microfw_runtime_sync::process`]).
 pub(crate) struct Pool<S> {
     jobs: Option<mpsc::Sender<WorkItem<S>>>,
     threads: Vec<JoinHandle<()>>,
-    /// The worker processes (`process` mode; none otherwise).
+    /// The worker processes (`process` mode; the fields above are empty then).
     #[cfg(unix)]
-    children: Option<crate::process::Children>,
+    processes: Option<ProcessPool>,
 }
 
 impl<S: Send + 'static> Pool<S> {
@@ -55,31 +57,33 @@ impl<S: Send + 'static> Pool<S> {
             jobs: Some(tx),
             threads,
             #[cfg(unix)]
-            children: None,
+            processes: None,
         })
     }
 
-    /// A pool of process slots (built by [`crate::process::start_pool`]).
+    /// A pool of worker processes.
     #[cfg(unix)]
-    pub(crate) fn processes(
-        jobs: mpsc::Sender<WorkItem<S>>,
-        threads: Vec<JoinHandle<()>>,
-        children: crate::process::Children,
-    ) -> Self {
-        Pool { jobs: Some(jobs), threads, children: Some(children) }
+    pub(crate) fn processes(pool: ProcessPool) -> Self {
+        Pool { jobs: None, threads: Vec::new(), processes: Some(pool) }
     }
 
     /// Kills the worker processes (`process` mode) of runs the shutdown timeout abandoned;
     /// their slots reap them. Nothing for a thread pool: its threads cannot be stopped.
     pub(crate) fn abandon(&self) {
         #[cfg(unix)]
-        if let Some(children) = &self.children {
-            children.kill();
+        if let Some(processes) = &self.processes {
+            processes.abandon();
         }
     }
 
     /// Queues a run. `Err` gives its id back if every thread is gone.
     pub(crate) fn submit(&self, item: WorkItem<S>) -> Result<(), DispatchId> {
+        #[cfg(unix)]
+        if let Some(processes) = &self.processes {
+            // The worker process has its own handler and state.
+            let WorkItem { id, route, job, handed, .. } = item;
+            return processes.submit(ProcessJob { id, route, job, dispatched: handed });
+        }
         let id = item.id;
         match &self.jobs {
             Some(tx) => tx.send(item).map_err(|_| id),
@@ -91,8 +95,8 @@ impl<S: Send + 'static> Pool<S> {
     /// Returns the threads for joining.
     pub(crate) fn close(&mut self) -> Vec<JoinHandle<()>> {
         #[cfg(unix)]
-        if let Some(children) = &self.children {
-            children.closing();
+        if let Some(processes) = &mut self.processes {
+            return processes.close();
         }
         self.jobs = None;
         std::mem::take(&mut self.threads)

@@ -429,8 +429,8 @@ async fn start_pool<S: Send + 'static>(
     let name = format!("{}-{}", spec.name, ctx.metric_label);
     #[cfg(unix)]
     if mode == WorkerMode::Process {
-        use crate::process::{Spawner, WorkerCommand};
         use microfw_core::worker_wire::{WorkerHello, WorkerTarget};
+        use microfw_runtime_sync::process::{ProcessPool, Spawner, WorkerCommand};
         let command = match worker_command {
             Some((program, args)) => WorkerCommand { program: program.clone(), args: args.clone() },
             None => WorkerCommand::current()
@@ -443,11 +443,14 @@ async fn start_pool<S: Send + 'static>(
             hello: WorkerHello::new(spec, context, 0),
             max_tasks: config.max_tasks_per_child,
         };
+        use crate::worker::Port;
         let (size, tx) = (ctx.max_workers, tx.clone());
         let started =
-            tokio::task::spawn_blocking(move || crate::process::start_pool(size, &name, spawner, &tx));
+            tokio::task::spawn_blocking(move || ProcessPool::start(size, &name, spawner, &Port(tx)));
         return match started.await {
-            Ok(pool) => pool.map_err(|e| StartError::WorkerProcess(format!("context {index}: {e}"))),
+            Ok(pool) => pool
+                .map(Pool::processes)
+                .map_err(|e| StartError::WorkerProcess(format!("context {index}: {e}"))),
             Err(e) => Err(StartError::WorkerProcess(format!("context {index}: {e}"))),
         };
     }

@@ -1,94 +1,109 @@
-//! `process` worker mode, the worker's side: what [`Runner::start`](crate::Runner::start)
-//! does instead of starting the service when [`WORKER_ENV`] names it.
-//!
-//! The worker rebuilt the same service (route ids are stable), so it serves jobs for the named
-//! context on the socket it got as standard input: it says hello, then runs each job it reads
-//! on a thread of its own, one at a time (an async handler on a current-thread runtime of that
-//! thread), and writes its outcome back. Its handlers' clients
-//! ([`Producer`](crate::Producer), [`RpcProxy`](crate::RpcProxy)) send their commands to the
-//! service as request frames and wait for the answer frames. When the socket closes (the
-//! service retires the worker or stops, or died) it finishes the job in hand and exits the
-//! process. SIGINT and SIGTERM are ignored: the service decides when its workers end.
+//! `process` worker mode: this runtime's side of the machinery shared with
+//! `microfw-runtime-sync` ([`microfw_runtime_sync::process`]). The service's pools reach the
+//! driver through [`Port`] (blocking sends from the pool's OS threads); a worker process runs
+//! its handlers on a thread of its own, one at a time (an async handler on a current-thread
+//! runtime of that thread), with their clients' commands relayed by [`ClientRequests`].
 
-use std::collections::HashMap;
-use std::io::{self, Write};
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-
-use microfw_core::extract::{Extensions, Job};
-use microfw_core::worker_wire::{self, FromWorker, ToWorker, WORKER_ENV, WorkerHello, WorkerTarget};
-use microfw_core::{CallError, Dialect, HandlerError, HandlerTable, Outcome, PublishError, ServiceSpec};
+use microfw_core::extract::Extensions;
+use microfw_core::worker_wire::WorkerTarget;
+use microfw_core::{
+    CallError, Dialect, HandlerTable, Outcome, OutgoingCall, OutgoingEvent, PublishError, ServiceSpec,
+};
+use microfw_runtime_sync::process::{
+    Answer, DriverGone, DriverPort, JobDone, Reply, Request, RequestSource, WorkerConnection, WorkerError,
+};
 use serde_json::Value;
-use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::client::ServiceHandle;
-use crate::driver::Input;
+use crate::driver::{Finished, Input};
 use crate::pool::{WorkItem, run_item};
-use crate::process::{lock, read_frame};
 use crate::runner::StartError;
-use tokio::signal::unix::{SignalKind, signal};
 
 /// Client commands a worker's handlers may have waiting at once before they block.
 const REQUEST_CAPACITY: usize = 256;
 
+/// A process pool's way to the driver: its input channel.
+#[derive(Clone)]
+pub(crate) struct Port(pub(crate) mpsc::Sender<Input>);
+
+impl DriverPort for Port {
+    fn finished(&self, done: JobDone) -> Result<(), DriverGone> {
+        let JobDone { id, route, outcome, elapsed } = done;
+        self.0.blocking_send(Input::Outcome(Finished { id, route, outcome, elapsed })).map_err(|_| DriverGone)
+    }
+
+    fn emit(&self, event: OutgoingEvent) -> Answer<Result<(), PublishError>> {
+        let (reply, rx) = oneshot::channel();
+        // A driver that is gone dropped the sender: answered as a stop.
+        let _ = self.0.blocking_send(Input::Emit(event, reply));
+        Answer::new(move || rx.blocking_recv().ok())
+    }
+
+    fn call(&self, call: OutgoingCall) -> Answer<Result<Value, CallError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.0.blocking_send(Input::Call(call, reply));
+        Answer::new(move || rx.blocking_recv().ok())
+    }
+}
+
+/// A worker process's client commands, from the channel its handlers' clients send to.
+struct ClientRequests(mpsc::Receiver<Input>);
+
+impl RequestSource for ClientRequests {
+    fn next_request(&mut self) -> Option<Request> {
+        loop {
+            match self.0.blocking_recv()? {
+                Input::Emit(event, reply) => {
+                    return Some(Request::Emit(event, Reply::new(move |r| drop(reply.send(r)))));
+                }
+                Input::Call(call, reply) => {
+                    return Some(Request::Call(call, Reply::new(move |r| drop(reply.send(r)))));
+                }
+                Input::Outcome(_) | Input::Wake | Input::Shutdown => {}
+            }
+        }
+    }
+}
+
 /// The worker target in the environment, if this process is a worker.
 pub(crate) fn target() -> Result<Option<WorkerTarget>, StartError> {
-    let Some(value) = std::env::var_os(WORKER_ENV) else { return Ok(None) };
-    let value =
-        value.to_str().ok_or_else(|| StartError::WorkerProcess(format!("{WORKER_ENV} is not UTF-8")))?;
-    value.parse().map(Some).map_err(|e: worker_wire::WireError| StartError::WorkerProcess(e.to_string()))
+    microfw_runtime_sync::process::worker_target().map_err(start_error)
 }
 
 /// Serves jobs for `target` until the service closes the socket, then exits the process.
-/// Returns only if this process cannot serve `target` for this service. Must run on a tokio
-/// runtime (with its signal driver, to ignore SIGINT and SIGTERM).
+/// Returns only if this process cannot serve `target` for this service.
 pub(crate) async fn serve<S: Clone + Send + Sync + 'static>(
     target: &WorkerTarget,
     spec: &ServiceSpec,
     table: HandlerTable<S>,
     dialect: Dialect,
 ) -> StartError {
-    if *target.service != *spec.name {
-        return StartError::WorkerOfAnotherService {
-            worker_of: target.to_string(),
-            service: spec.name.to_string(),
-        };
-    }
-    if target.context.into_raw() as usize >= spec.contexts.len() {
-        return StartError::WorkerProcess(format!(
-            "{WORKER_ENV}={target}, but service {:?} has {} contexts",
-            spec.name,
-            spec.contexts.len()
-        ));
-    }
-    let stream = match std::io::stdin().as_fd().try_clone_to_owned().map(UnixStream::from) {
-        Ok(s) if s.peer_addr().is_ok() => s,
-        _ => {
-            return StartError::WorkerProcess(format!(
-                "{WORKER_ENV} is set, but standard input is not a worker socket: this process was not \
-                 started by a microfw service"
-            ));
-        }
+    let connection = match WorkerConnection::open(target, spec) {
+        Ok(c) => c,
+        Err(e) => return start_error(e),
     };
-    // A registered handler replaces the default action (ending the process) for good. A
-    // runtime without its signal driver panics here: the signals then keep their default.
-    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
-        let _ = std::panic::catch_unwind(|| signal(kind));
-    }
-    let hello = WorkerHello::new(spec, target.context, std::process::id());
-    let (service, target) = (spec.name.clone(), target.clone());
+    let service = spec.name.clone();
     let serving = std::thread::Builder::new().name("microfw-worker".into()).spawn(move || {
-        let code = match run(stream, hello, &table, service.clone(), dialect) {
-            Ok(()) => 0,
-            Err(e) => {
-                tracing::error!(service = %service, "worker process {}: {e}", std::process::id());
-                eprintln!("microfw worker process {} of {target}: {e}", std::process::id());
-                1
+        // The handlers' clients send to this channel as they would to a driver.
+        let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+        let mut extensions = Extensions::new();
+        extensions.insert(ServiceHandle { tx, service, dialect });
+        // Async handlers run on a current-thread runtime, built on first need.
+        let mut rt = None;
+        connection.serve(ClientRequests(rx), |mut job| {
+            let (dispatch, route) = (job.parts.dispatch, job.parts.route);
+            job.parts.extensions = extensions.clone();
+            match table.handler(route) {
+                // run_item catches a panic and makes it Outcome::Panicked.
+                Some(handler) => {
+                    let (handler, state) = (handler.clone(), table.state().clone());
+                    let handed = std::time::Instant::now();
+                    run_item(WorkItem { id: dispatch, route, handler, job, state, handed }, &mut rt)
+                }
+                None => Outcome::Panicked(format!("no handler for route {route} in the worker process")),
             }
-        };
-        std::process::exit(code)
+        })
     });
     match serving {
         // That thread ends the process.
@@ -97,144 +112,11 @@ pub(crate) async fn serve<S: Clone + Send + Sync + 'static>(
     }
 }
 
-/// A client command waiting for the service's answer.
-enum Pending {
-    Emit(oneshot::Sender<Result<(), PublishError>>),
-    Call(oneshot::Sender<Result<Value, CallError>>),
-}
-
-type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
-
-fn run<S: Clone + Send + Sync + 'static>(
-    stream: UnixStream,
-    hello: WorkerHello,
-    table: &HandlerTable<S>,
-    service: Arc<str>,
-    dialect: Dialect,
-) -> io::Result<()> {
-    let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    write(&writer, &FromWorker::Hello(hello))?;
-    let pending = PendingMap::default();
-
-    // The handlers' clients send to this channel as they would to a driver.
-    let (tx, mut rx) = tokio_mpsc::channel(REQUEST_CAPACITY);
-    let mut extensions = Extensions::new();
-    extensions.insert(ServiceHandle { tx, service, dialect });
-    {
-        let (writer, pending) = (writer.clone(), pending.clone());
-        std::thread::Builder::new()
-            .name("microfw-worker-relay".into())
-            .spawn(move || relay(&mut rx, &writer, &pending))?;
-    }
-    let (jobs_tx, jobs) = mpsc::channel::<Job>();
-    {
-        let pending = pending.clone();
-        std::thread::Builder::new()
-            .name("microfw-worker-read".into())
-            .spawn(move || read(stream, &jobs_tx, &pending))?;
-    }
-
-    // Async handlers run on a current-thread runtime, built on first need.
-    let mut rt = None;
-    // Ends when the reader drops its sender: the socket closed.
-    while let Ok(mut job) = jobs.recv() {
-        let (dispatch, route) = (job.parts.dispatch, job.parts.route);
-        job.parts.extensions = extensions.clone();
-        let outcome = match table.handler(route) {
-            // run_item catches a panic and makes it Outcome::Panicked.
-            Some(handler) => {
-                let (handler, state) = (handler.clone(), table.state().clone());
-                let handed = std::time::Instant::now();
-                run_item(WorkItem { id: dispatch, route, handler, job, state, handed }, &mut rt)
-            }
-            None => Outcome::Panicked(format!("no handler for route {route} in the worker process")),
-        };
-        let frame = FromWorker::Outcome { dispatch, outcome };
-        let frame = match worker_wire::encode_from_worker(&frame) {
-            Ok(frame) => frame,
-            // Too large to send: the same run would fail the same way.
-            Err(e) => {
-                let failed = HandlerError::fatal("WorkerFrameError", e.to_string()).in_module("microfw");
-                let frame = FromWorker::Outcome { dispatch, outcome: Outcome::Failed(failed) };
-                worker_wire::encode_from_worker(&frame)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-            }
-        };
-        if let Err(e) = lock(&writer).write_all(&frame) {
-            // The service is gone: nobody wants the outcome.
-            return if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) };
+fn start_error(e: WorkerError) -> StartError {
+    match e {
+        WorkerError::OfAnotherService { worker_of, service } => {
+            StartError::WorkerOfAnotherService { worker_of, service }
         }
+        WorkerError::Setup(message) => StartError::WorkerProcess(message),
     }
-    Ok(())
-}
-
-/// Turns the handlers' client commands into request frames.
-fn relay(
-    rx: &mut tokio_mpsc::Receiver<Input>,
-    writer: &Mutex<UnixStream>,
-    pending: &Mutex<HashMap<u64, Pending>>,
-) {
-    let mut next = 0u64;
-    while let Some(input) = rx.blocking_recv() {
-        next += 1;
-        let request = next;
-        let frame = match input {
-            Input::Emit(event, reply) => {
-                lock(pending).insert(request, Pending::Emit(reply));
-                FromWorker::Emit { request, event }
-            }
-            Input::Call(call, reply) => {
-                lock(pending).insert(request, Pending::Call(reply));
-                FromWorker::Call { request, call }
-            }
-            Input::Outcome(_) | Input::Wake | Input::Shutdown => continue,
-        };
-        if write(writer, &frame).is_err() {
-            // The service is gone: the waiter sees its sender dropped (ShuttingDown).
-            lock(pending).remove(&request);
-        }
-    }
-}
-
-/// Reads the service's frames: jobs for the main loop, answers for the waiting clients.
-fn read(mut stream: UnixStream, jobs: &mpsc::Sender<Job>, pending: &Mutex<HashMap<u64, Pending>>) {
-    loop {
-        let frame = match read_frame(&mut stream) {
-            Ok(Some(body)) => worker_wire::decode_to_worker(&body),
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!("worker process {}: reading the service's socket: {e}", std::process::id());
-                break;
-            }
-        };
-        match frame {
-            Ok(ToWorker::Job(job)) => {
-                if jobs.send(job).is_err() {
-                    break;
-                }
-            }
-            Ok(ToWorker::Emitted { request, result }) => {
-                if let (Some(Pending::Emit(reply)), Some(result)) = (lock(pending).remove(&request), result) {
-                    let _ = reply.send(result);
-                }
-            }
-            Ok(ToWorker::Called { request, result }) => {
-                if let Some(Pending::Call(reply)) = lock(pending).remove(&request) {
-                    let _ = reply.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::warn!("worker process {}: {e}", std::process::id());
-                break;
-            }
-        }
-    }
-    // Clients still waiting see their sender dropped: ShuttingDown.
-    lock(pending).clear();
-}
-
-fn write(writer: &Mutex<UnixStream>, frame: &FromWorker) -> io::Result<()> {
-    let bytes =
-        worker_wire::encode_from_worker(frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    lock(writer).write_all(&bytes)
 }
