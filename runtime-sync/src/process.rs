@@ -68,7 +68,8 @@ use std::time::Duration;
 use microfw_core::extract::Job;
 use microfw_core::worker_wire::{self, FromWorker, PREFIX_LEN, ToWorker, WorkerHello, WorkerTarget};
 use microfw_core::{
-    CallError, DispatchId, HandlerError, Outcome, OutgoingCall, OutgoingEvent, PublishError, RouteId,
+    CallError, ContextId, DispatchId, HandlerError, Outcome, OutgoingCall, OutgoingEvent, PublishError,
+    RouteId, ServiceSpec,
 };
 use serde_json::Value;
 
@@ -189,6 +190,29 @@ pub struct Spawner {
     pub hello: WorkerHello,
     /// Jobs per child before it is replaced (`MAX_TASKS_PER_CHILD`; `None`: never).
     pub max_tasks: Option<u32>,
+}
+
+impl Spawner {
+    /// The spawner for context `context` of `spec`: children run `command`, or this program
+    /// with its own arguments ([`WorkerCommand::current`], whose error this returns) when
+    /// `None`.
+    pub fn for_context(
+        spec: &ServiceSpec,
+        context: ContextId,
+        command: Option<WorkerCommand>,
+        max_tasks: Option<u32>,
+    ) -> io::Result<Self> {
+        let command = match command {
+            Some(command) => command,
+            None => WorkerCommand::current()?,
+        };
+        Ok(Spawner {
+            command,
+            target: WorkerTarget { service: spec.name.to_string(), context },
+            hello: WorkerHello::new(spec, context, 0),
+            max_tasks,
+        })
+    }
 }
 
 /// A context's pool of worker processes: `size` slot threads, each owning one child.

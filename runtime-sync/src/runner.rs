@@ -435,19 +435,12 @@ fn start_pool<S: Clone + Send + Sync + 'static>(
     #[cfg(unix)]
     if mode == WorkerMode::Process {
         use crate::process::{Spawner, WorkerCommand};
-        use microfw_core::worker_wire::{WorkerHello, WorkerTarget};
-        let command = match worker_command {
-            Some((program, args)) => WorkerCommand { program: program.clone(), args: args.clone() },
-            None => WorkerCommand::current()
-                .map_err(|e| StartError::WorkerProcess(format!("cannot find this program: {e}")))?,
-        };
+        let command = worker_command
+            .as_ref()
+            .map(|(program, args)| WorkerCommand { program: program.clone(), args: args.clone() });
         let context = microfw_core::ContextId::from_raw(index as u32);
-        let spawner = Spawner {
-            command,
-            target: WorkerTarget { service: spec.name.to_string(), context },
-            hello: WorkerHello::new(spec, context, 0),
-            max_tasks: config.max_tasks_per_child,
-        };
+        let spawner = Spawner::for_context(spec, context, command, config.max_tasks_per_child)
+            .map_err(|e| StartError::WorkerProcess(format!("cannot find this program: {e}")))?;
         return crate::process::ProcessPool::start(
             ctx.max_workers,
             &name,

@@ -429,21 +429,14 @@ async fn start_pool<S: Send + 'static>(
     let name = format!("{}-{}", spec.name, ctx.metric_label);
     #[cfg(unix)]
     if mode == WorkerMode::Process {
-        use microfw_core::worker_wire::{WorkerHello, WorkerTarget};
-        use microfw_runtime_sync::process::{ProcessPool, Spawner, WorkerCommand};
-        let command = match worker_command {
-            Some((program, args)) => WorkerCommand { program: program.clone(), args: args.clone() },
-            None => WorkerCommand::current()
-                .map_err(|e| StartError::WorkerProcess(format!("cannot find this program: {e}")))?,
-        };
-        let context = microfw_core::ContextId::from_raw(index as u32);
-        let spawner = Spawner {
-            command,
-            target: WorkerTarget { service: spec.name.to_string(), context },
-            hello: WorkerHello::new(spec, context, 0),
-            max_tasks: config.max_tasks_per_child,
-        };
         use crate::worker::Port;
+        use microfw_runtime_sync::process::{ProcessPool, Spawner, WorkerCommand};
+        let command = worker_command
+            .as_ref()
+            .map(|(program, args)| WorkerCommand { program: program.clone(), args: args.clone() });
+        let context = microfw_core::ContextId::from_raw(index as u32);
+        let spawner = Spawner::for_context(spec, context, command, config.max_tasks_per_child)
+            .map_err(|e| StartError::WorkerProcess(format!("cannot find this program: {e}")))?;
         let (size, tx) = (ctx.max_workers, tx.clone());
         let started =
             tokio::task::spawn_blocking(move || ProcessPool::start(size, &name, spawner, &Port(tx)));
