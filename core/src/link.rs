@@ -137,7 +137,9 @@ pub trait Link: Send + 'static {
 
     /// Flushes the operations already handed over (the last acks and publishes), then closes:
     /// unsettled deliveries go back to the broker. Waits at most `timeout`. Blocking: async
-    /// runtimes call it off their reactor threads.
+    /// runtimes call it off their reactor threads. An [`exchange`](Self::exchange) with no
+    /// operations after the close still hands over what arrived during it (the confirms it
+    /// waited for), and nothing else happens.
     fn close(&mut self, timeout: Duration);
 
     /// A barrier that opens once every operation handed over so far has been carried out

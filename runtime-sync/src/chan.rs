@@ -223,9 +223,12 @@ impl<T> Drop for Receiver<T> {
         if state.receivers > 0 {
             return;
         }
-        // Queued items are dropped with the last handle, as with std.
+        // Queued items are dropped with the last receiver, as with std (outside the lock: an
+        // item may hold a sender of this very channel).
+        let queued = std::mem::take(&mut state.queue);
         let wake = state.senders_waiting > 0;
         drop(state);
+        drop(queued);
         if wake {
             self.0.not_full.notify_all();
         }
@@ -291,5 +294,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(10)); // let it block (not a synchronisation)
         drop(tx);
         assert_eq!(t.join().unwrap(), Err(RecvTimeoutError::Disconnected));
+    }
+
+    /// Review: items queued when the last receiver went were kept until the last sender went
+    /// too, so a reply sender inside a queued command (a Producer's Emit reaching a driver
+    /// that just ended) was never dropped and its waiter blocked forever.
+    #[test]
+    fn queued_items_are_dropped_with_the_last_receiver() {
+        let (tx, rx) = sync_channel::<SyncSender<u32>>(4);
+        let (reply, waiter) = sync_channel::<u32>(1);
+        tx.send(reply).unwrap();
+        drop(rx);
+        assert_eq!(waiter.recv_timeout(Duration::from_secs(5)), Err(RecvTimeoutError::Disconnected));
+        drop(tx);
     }
 }

@@ -308,6 +308,15 @@ impl Driver {
         // Unsettled deliveries (and any a link still holds) go back to their queues.
         self.arrivals.inbox.deliveries.clear();
         self.links.close(LINK_CLOSE_TIMEOUT);
+        // The close flushed the last publishes and waited for their confirms: report those
+        // too (and those of the exchange above), or an event that went out would be reported
+        // as not sent.
+        self.links.exchange(now, true, &mut self.arrivals, &mut self.lost);
+        for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
+            self.engine.handle_publish_result(now, id, result);
+        }
+        self.arrivals.deliveries.clear();
+        self.drain_actions();
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();
         self.emits.clear();

@@ -202,3 +202,49 @@ fn delayed_retries_go_through_ttl_waiting_queues_then_the_callback_runs() {
         "no waiting queue among {queues:?}"
     );
 }
+
+/// Review: an event whose publish was handed to the link just before a stop went out (the
+/// close flushes it and waits for its confirm), but the driver dropped that confirm and its
+/// Producer saw ShuttingDown, inviting a second publish of an event already sent.
+#[test]
+fn an_event_dispatched_just_before_stop_is_reported_as_sent() {
+    let vhost = TestVhost::create().unwrap();
+    let (report, rx) = Report::new();
+    let listener = Runner::with_state(config(&vhost, "listener"), report)
+        .context(RunnerContext::new(2).route(Route::blocking(
+            EventListener::new("src", "ping"),
+            "sink",
+            sink,
+        )))
+        .start()
+        .unwrap();
+    let mut raced = 0;
+    for n in 0..20 {
+        let src = client(&vhost, "src");
+        let producer = src.producer();
+        let started = Arc::new(std::sync::Barrier::new(2));
+        let go = started.clone();
+        let dispatch = std::thread::spawn(move || {
+            go.wait();
+            producer.dispatch("ping", &json!(n))
+        });
+        // Both start from here: the Emit and the Shutdown race to the driver.
+        started.wait();
+        assert_eq!(src.stop().unwrap().unfinished, 0);
+        let sent = dispatch.join().unwrap();
+        // Whether the Emit or the stop reached the driver first is up to the scheduler; an
+        // event that did reach the listener must have been reported as sent.
+        let arrived = rx.recv_timeout(if sent.is_ok() { WAIT } else { Duration::from_millis(300) });
+        match (&sent, arrived) {
+            (Ok(()), Ok(v)) => {
+                assert_eq!(v, json!(n));
+                raced += 1;
+            }
+            (Err(e), Ok(_)) => panic!("round {n}: the event went out but its dispatch failed: {e}"),
+            (Ok(()), Err(_)) => panic!("round {n}: the dispatch succeeded but the event never arrived"),
+            (Err(_), Err(_)) => {}
+        }
+    }
+    assert!(raced > 0, "no round had its event handed over before the stop");
+    stop_all([listener]);
+}

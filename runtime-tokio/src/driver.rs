@@ -378,7 +378,20 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         // Closing may wait for the IO side to flush (a broker link): off the reactor.
         let mut links = std::mem::take(&mut self.links);
         let timeout = LINK_CLOSE_TIMEOUT;
-        let _ = tokio::task::spawn_blocking(move || links.close(timeout)).await;
+        let closed = tokio::task::spawn_blocking(move || {
+            links.close(timeout);
+            links
+        });
+        if let Ok(mut links) = closed.await {
+            // The close flushed the last publishes and waited for their confirms: report
+            // those too, or an event that went out would be reported as not sent.
+            links.exchange(now, true, &mut self.arrivals, &mut self.lost);
+            for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
+                self.engine.handle_publish_result(now, id, result);
+            }
+            self.arrivals.deliveries.clear();
+            self.drain_actions();
+        }
         // Waiters still registered see their sender dropped: ShuttingDown.
         self.calls.clear();
         self.emits.clear();

@@ -239,6 +239,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
                     Ok(pool) => pool,
                     Err(e) => {
                         pools.iter_mut().for_each(|p: &mut Pool<S>| drop(p.close()));
+                        release(metrics_lease).await;
                         return Err(e);
                     }
                 };
@@ -275,7 +276,13 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             }
             None => None,
         };
-        let links = open_links(&spec.name, &config, broker, websocket, &waker).await?;
+        let links = match open_links(&spec.name, &config, broker, websocket, &waker).await {
+            Ok(links) => links,
+            Err(e) => {
+                release(metrics_lease).await;
+                return Err(e);
+            }
+        };
         let mut driver = Driver {
             engine,
             links,
@@ -309,6 +316,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         if let Err(reason) = ready {
             let mut links = std::mem::take(&mut driver.links);
             let _ = tokio::task::spawn_blocking(move || links.close(LINK_SETUP_TIMEOUT)).await;
+            release(metrics_lease).await;
             return Err(StartError::Link(reason));
         }
         tracing::info!(service = %spec.name, "started");
@@ -450,6 +458,14 @@ async fn start_pool<S: Send + 'static>(
     let _ = (mode, config, worker_command);
     Pool::start(ctx.max_workers, &name, tx.clone())
         .map_err(|e| StartError::Threads(format!("context {index}: {e}")))
+}
+
+/// Gives back the `/metrics` lease of a start that failed, waiting until the server's socket
+/// is closed if it was the last user (a plain drop would leave the port bound a while).
+async fn release(lease: Option<MetricsLease>) {
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
 }
 
 /// True when some route of `spec` is a WebSocket RPC method.

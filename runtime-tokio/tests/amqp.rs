@@ -213,3 +213,30 @@ async fn delayed_retries_go_through_ttl_waiting_queues_then_the_callback_runs() 
         "no waiting queue among {queues:?}"
     );
 }
+
+/// Review: an event whose publish was handed to the link just before a stop went out (the
+/// close flushes it and waits for its confirm), but the driver dropped that confirm and its
+/// Producer saw ShuttingDown, inviting a second publish of an event already sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_dispatched_just_before_stop_is_reported_as_sent() {
+    let vhost = TestVhost::create().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let listener = Runner::with_state(config(&vhost, "listener", "async"), tx)
+        .context(RunnerContext::new(2).route(Route::new(EventListener::new("src", "ping"), "sink", sink)))
+        .start()
+        .await
+        .unwrap();
+    for n in 0..5 {
+        let src = client(&vhost, "src").await;
+        // The dispatch is polled first: its Emit reaches the driver before the Shutdown.
+        let (sent, stopped) =
+            timeout(WAIT, async { tokio::join!(src.producer().dispatch("ping", &json!(n)), src.stop()) })
+                .await
+                .expect("dispatch and stop timed out");
+        assert_eq!(stopped.unwrap().unfinished, 0);
+        // The close flushed the publish: it reached the listener.
+        assert_eq!(recv(&mut rx).await, json!(n));
+        assert_eq!(sent, Ok(()), "round {n}: the event went out but its dispatch failed");
+    }
+    stop_all([listener]).await;
+}

@@ -293,6 +293,30 @@ async fn a_metrics_address_in_use_is_a_start_error() {
     }
 }
 
+/// Review: a start failing after it began serving `/metrics` (here: the WebSocket port is
+/// taken) dropped its lease without waiting for the server to stop, so the port was still
+/// bound when `start` returned and an immediate second start failed on it.
+#[cfg(feature = "ws")]
+#[tokio::test]
+async fn a_failed_start_frees_the_metrics_port_before_it_returns() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let mut config = metrics_config("failing");
+    config.metrics.port = port;
+    config.websocket_ip = "127.0.0.1".into();
+    config.websocket_port = taken.local_addr().unwrap().port();
+    let route = Route::new(microfw_runtime_tokio::WsRpcListener, "x", noop);
+    let start =
+        Runner::new(config).hub(MemoryHubHandle::new()).context(RunnerContext::new(1).route(route)).start();
+    match timeout(WAIT, start).await.expect("start timed out") {
+        Err(StartError::Link(_)) => {}
+        other => panic!("expected a link start error, got {other:?}"),
+    }
+    TcpListener::bind(("127.0.0.1", port)).expect("the failed start still holds the /metrics port");
+}
+
 async fn noop() {}
 
 /// Scrapes `/metrics` until `done` accepts the body, for at most [`WAIT`].
