@@ -385,11 +385,11 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         if let Ok(mut links) = closed.await {
             // The close flushed the last publishes and waited for their confirms: report
             // those too, or an event that went out would be reported as not sent.
-            links.exchange(now, true, &mut self.arrivals, &mut self.lost);
-            for (id, result) in std::mem::take(&mut self.arrivals.confirms) {
+            links.exchange(now, true, &mut self.arrivals);
+            for (id, result) in std::mem::take(&mut self.arrivals.inbox.confirms) {
                 self.engine.handle_publish_result(now, id, result);
             }
-            self.arrivals.deliveries.clear();
+            self.arrivals.inbox.deliveries.clear();
             self.drain_actions();
         }
         // Waiters still registered see their sender dropped: ShuttingDown.
