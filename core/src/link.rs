@@ -233,6 +233,11 @@ impl Links {
         for &t in transports {
             self.by_transport[transport_index(t)] = Some(index);
         }
+        // The earlier carriers no longer answer for these transports (a lost reply queue
+        // there is not theirs to report).
+        for slot in &mut self.slots {
+            slot.transports.retain(|t| !transports.contains(t));
+        }
         self.slots.push(Slot {
             link,
             transports: transports.to_vec(),
@@ -432,5 +437,62 @@ mod tests {
         assert!(!waker.take());
         waker.wake();
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    /// Records the operations it gets; hands over one delivery per exchange and reports its
+    /// reply queue lost.
+    struct Fake {
+        ops: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Link for Fake {
+        fn exchange(&mut self, _: Instant, ops: &mut Vec<LinkOp>, inbox: &mut LinkInbox) -> Option<Instant> {
+            let mut seen = self.ops.lock().unwrap();
+            seen.extend(ops.drain(..).map(|op| match op {
+                LinkOp::Ack(tag) => format!("ack {}", tag.into_raw()),
+                other => format!("{other:?}").split('(').next().unwrap_or_default().to_owned(),
+            }));
+            inbox.deliveries.push(crate::Delivery {
+                link: crate::LinkId::from_raw(99),
+                tag: DeliveryTag::from_raw(7),
+                subscription: SubscriptionId::from_raw(1),
+                redelivered: false,
+                envelope: crate::Envelope::raw("", "", "x"),
+            });
+            inbox.reply_queue_lost = true;
+            None
+        }
+
+        fn close(&mut self, _: Duration) {}
+    }
+
+    fn fake() -> (Box<dyn Link>, Arc<std::sync::Mutex<Vec<String>>>) {
+        let ops = Arc::new(std::sync::Mutex::new(Vec::new()));
+        (Box::new(Fake { ops: ops.clone() }), ops)
+    }
+
+    #[test]
+    fn acks_go_back_to_the_link_a_delivery_came_from_and_losses_name_its_transports() {
+        let mut links = Links::new();
+        let (broker, broker_ops) = fake();
+        let (ws, ws_ops) = fake();
+        links.add(&[Transport::Broker, Transport::WebSocket], broker);
+        links.add(&[Transport::WebSocket], ws); // replaces the broker link as WebSocket carrier
+        let mut arrivals = Arrivals::default();
+        links.exchange(Instant::EPOCH, true, &mut arrivals);
+        let stamps: Vec<u32> = arrivals.inbox.deliveries.iter().map(|d| d.link.into_raw()).collect();
+        assert_eq!(stamps, [0, 1], "each delivery is stamped with its link's index");
+        assert_eq!(arrivals.lost, [Transport::Broker, Transport::WebSocket], "one transport per link");
+
+        for link in [1, 0] {
+            let delivery = crate::ids::DeliveryRef {
+                link: crate::LinkId::from_raw(link),
+                tag: DeliveryTag::from_raw(7),
+            };
+            assert!(links.route(crate::Action::Ack(delivery), &mut arrivals).is_none());
+        }
+        links.exchange(Instant::EPOCH, false, &mut arrivals);
+        assert_eq!(*broker_ops.lock().unwrap(), ["ack 7"]);
+        assert_eq!(*ws_ops.lock().unwrap(), ["ack 7"]);
     }
 }
