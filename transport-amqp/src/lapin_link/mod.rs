@@ -238,13 +238,30 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn deliver(&self, delivery: Delivery) {
-        self.inbox().deliveries.push(delivery);
+    /// Hands several deliveries over at once (one lock, one wake-up).
+    pub(crate) fn deliver_all(&self, deliveries: &mut Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        self.inbox().deliveries.append(deliveries);
         self.waker.wake();
     }
 
     pub(crate) fn confirm(&self, id: PublishId, result: Result<(), PublishError>) {
         self.inbox().confirms.push((id, result));
+        self.waker.wake();
+    }
+
+    /// Hands several confirms over at once (one lock, one wake-up).
+    pub(crate) fn confirm_all(
+        &self,
+        confirms: impl IntoIterator<Item = (PublishId, Result<(), PublishError>)>,
+    ) {
+        let mut confirms = confirms.into_iter().peekable();
+        if confirms.peek().is_none() {
+            return;
+        }
+        self.inbox().confirms.extend(confirms);
         self.waker.wake();
     }
 
@@ -264,7 +281,11 @@ struct LapinLink {
 impl Link for LapinLink {
     fn exchange(&mut self, _now: Instant, ops: &mut Vec<LinkOp>, inbox: &mut LinkInbox) -> Option<Instant> {
         if !ops.is_empty() {
-            let ops = std::mem::take(ops);
+            // One allocation of the right size; `ops` keeps its capacity for the next turn
+            // (taking it would make the driver grow a new vector, copying, every turn).
+            let mut batch = Vec::with_capacity(ops.len());
+            batch.append(ops);
+            let ops = batch;
             if let Err(mpsc::error::SendError(Command::Ops(ops))) = self.commands.send(Command::Ops(ops)) {
                 // The session is gone (closed): publishes fail, settlements are moot.
                 for op in ops {

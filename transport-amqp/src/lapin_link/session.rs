@@ -16,9 +16,9 @@ use std::time::Duration;
 use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::ShortString;
-use lapin::{Channel, Connection, ErrorKind, PublisherConfirm};
+use lapin::{Channel, Connection, ErrorKind};
 use microfw_core::link::{BarrierOpener, LinkError, LinkOp};
-use microfw_core::{DeliveryTag, Publish, PublishError, PublishId, Source, SubscriptionId};
+use microfw_core::{DeliveryTag, Publish, PublishError, Source, SubscriptionId};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -95,7 +95,7 @@ struct Live {
     conn: Connection,
     declare: Channel,
     publish: Channel,
-    confirms: mpsc::UnboundedSender<(PublishId, PublisherConfirm)>,
+    confirms: mpsc::UnboundedSender<publish::Written>,
 }
 
 /// Publish confirms not yet reported.
@@ -473,8 +473,9 @@ impl Session {
 }
 
 impl InFlight {
-    fn done(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// `n` confirms were reported.
+    fn done_many(&self, n: usize) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::AcqRel) == n {
             self.zero.notify_waiters();
         }
     }
@@ -503,7 +504,7 @@ async fn open_publish_channel(
     conn: &Connection,
     shared: Arc<Shared>,
     in_flight: Arc<InFlight>,
-) -> Result<(Channel, mpsc::UnboundedSender<(PublishId, PublisherConfirm)>), lapin::Error> {
+) -> Result<(Channel, mpsc::UnboundedSender<publish::Written>), lapin::Error> {
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     QueueDeclareOptions,
@@ -224,29 +224,52 @@ pub(super) struct ConsumerTask {
     internal: mpsc::UnboundedSender<Internal>,
 }
 
+/// At most this many deliveries are handed to the driver at once.
+const DELIVERY_BATCH: usize = 256;
+
 impl ConsumerTask {
     pub(super) async fn run(self, mut consumer: lapin::Consumer) {
-        let reason = loop {
-            match consumer.next().await {
-                Some(Ok(delivery)) => {
-                    if delivery.delivery_tag > MAX_BROKER_TAG {
-                        break "the channel's delivery tags ran out".to_owned();
+        let mut batch = Vec::new();
+        let reason = 'consume: loop {
+            let mut next = consumer.next().await;
+            // Then every delivery already there, without waiting: they go to the driver
+            // together (one lock, one wake-up). The next `.await` polls the stream with this
+            // task's waker again before the task sleeps.
+            loop {
+                match next {
+                    Some(Ok(delivery)) => {
+                        if delivery.delivery_tag > MAX_BROKER_TAG {
+                            self.shared.deliver_all(&mut batch);
+                            break 'consume "the channel's delivery tags ran out".to_owned();
+                        }
+                        batch.push(self.delivery(delivery));
                     }
-                    let tag = convert::pack_tag(self.key, delivery.delivery_tag);
-                    let redelivered = delivery.redelivered;
-                    let envelope = decode(&self.source, convert::incoming(delivery));
-                    self.shared.deliver(Delivery {
-                        link: LinkId::from_raw(0),
-                        tag,
-                        subscription: self.sub,
-                        redelivered,
-                        envelope,
-                    });
+                    Some(Err(e)) => {
+                        self.shared.deliver_all(&mut batch);
+                        break 'consume e.to_string();
+                    }
+                    None => {
+                        self.shared.deliver_all(&mut batch);
+                        break 'consume "cancelled".to_owned();
+                    }
                 }
-                Some(Err(e)) => break e.to_string(),
-                None => break "cancelled".to_owned(),
+                if batch.len() >= DELIVERY_BATCH {
+                    break;
+                }
+                match consumer.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
             }
+            self.shared.deliver_all(&mut batch);
         };
         let _ = self.internal.send(Internal::ConsumerEnded { sub: self.sub, key: self.key, reason });
+    }
+
+    fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
+        let tag = convert::pack_tag(self.key, delivery.delivery_tag);
+        let redelivered = delivery.redelivered;
+        let envelope = decode(&self.source, convert::incoming(delivery));
+        Delivery { link: LinkId::from_raw(0), tag, subscription: self.sub, redelivered, envelope }
     }
 }
