@@ -13,10 +13,15 @@
 //! * Deliveries are decoded on the consumer's task and handed over with the driver's
 //!   [`LinkWaker`]. The link's [`DeliveryTag`](microfw_core::DeliveryTag) packs the consumer
 //!   channel's number (new for every channel opened) and the broker's tag.
-//! * Acks and rejects of one hand-over are batched per channel: one `multiple` ack over the
-//!   contiguous run of settled tags, single acks above a gap (so a slow handler never holds
-//!   other settled deliveries' prefetch slots). Settling a tag of a channel that is gone (a
-//!   reconnect happened) does nothing: the broker redelivers the message.
+//! * Acks and rejects are batched per channel: one `multiple` ack over the contiguous run of
+//!   settled tags, single acks above a gap (so a slow handler never holds other settled
+//!   deliveries' prefetch slots). Settlements wait, at most 2 ms, until a channel has a
+//!   quarter of its prefetch of them (at most 64; nothing waits under a prefetch of 8), so one
+//!   frame covers many; a barrier, a subscription change and closing send them at once.
+//!   Settling a tag of a channel that is gone (a reconnect happened) does nothing: the broker
+//!   redelivers the message.
+//! * Deliveries and publish confirms that arrive together are handed over together (one lock
+//!   of the shared inbox, one wake-up of the driver).
 //! * Publishes are pipelined: everything handed over in one go is written, then the
 //!   confirms are collected on a task of their own. A `basic.return` confirms
 //!   [`PublishError::Unroutable`](microfw_core::PublishError::Unroutable), a `basic.nack`

@@ -88,6 +88,8 @@ struct Sub {
 struct ConsumerChannel {
     channel: Channel,
     ledger: AckLedger,
+    /// How many of its settlements are held back for one frame ([`consume::settle_batch_size`]).
+    batch: usize,
 }
 
 /// The current connection and its shared channels.
@@ -140,6 +142,9 @@ pub(crate) struct Session {
     failures: Vec<String>,
     queue: VecDeque<Queued>,
     in_flight: Arc<InFlight>,
+    /// Settlements held back so that one frame covers many, and since when.
+    deferred: Vec<(DeliveryTag, Settle)>,
+    deferred_since: Option<Instant>,
 }
 
 impl Session {
@@ -166,6 +171,8 @@ impl Session {
             failures: Vec::new(),
             queue: VecDeque::new(),
             in_flight: Arc::default(),
+            deferred: Vec::new(),
+            deferred_since: None,
         }
     }
 
@@ -183,7 +190,14 @@ impl Session {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(HEALTH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires when settlements held back are due; moved only when that instant changes.
+        let settle_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(settle_timer);
+        let mut armed: Option<Instant> = None;
         loop {
+            if self.settle_deadline().is_some_and(|due| due <= Instant::now()) {
+                self.settle_deferred().await;
+            }
             if self.live.is_none() {
                 if self.reconnect().await == Flow::Closed {
                     return;
@@ -203,6 +217,13 @@ impl Session {
                 self.check_health();
                 continue;
             }
+            let deadline = self.settle_deadline();
+            if let Some(due) = deadline
+                && armed != Some(due)
+            {
+                settle_timer.as_mut().reset(due);
+            }
+            armed = deadline;
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(command) => self.enqueue(command),
@@ -212,6 +233,7 @@ impl Session {
                     }
                 },
                 Some(event) = self.internal.recv() => self.internal_event(event).await,
+                () = &mut settle_timer, if armed.is_some() => self.settle_deferred().await,
                 _ = tick.tick() => self.check_health(),
             }
         }
@@ -247,21 +269,21 @@ impl Session {
                 Item::Op(LinkOp::Ack(tag)) => settles.push((tag, Settle::Ack)),
                 Item::Op(LinkOp::Reject(tag, requeue)) => settles.push((tag, Settle::Reject { requeue })),
                 Item::Op(LinkOp::Subscribe(s)) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, &mut settles, true).await;
                     self.subscribe(s).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Op(LinkOp::Unsubscribe(id)) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, &mut settles, true).await;
                     self.unsubscribe(id).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Barrier(opener) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, &mut settles, true).await;
                     if self.is_down() {
                         // Not done yet: it opens after the reconnect.
                         self.queue.push_front(Queued { item: Item::Barrier(opener), at });
@@ -271,27 +293,30 @@ impl Session {
                     opener.open(if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) });
                 }
                 Item::Close { timeout, done } => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, &mut settles, true).await;
                     self.shutdown(timeout).await;
                     let _ = done.send(());
                     return Flow::Closed;
                 }
             }
         }
-        self.flush(&mut publishes, &mut settles).await;
+        self.flush(&mut publishes, &mut settles, false).await;
         Flow::Continue
     }
 
+    /// Publishes, then settles (or holds the settlements back a little, unless `force`: see
+    /// [`settle`](Self::settle)).
     async fn flush(
         &mut self,
         publishes: &mut Vec<(Publish, Instant)>,
         settles: &mut Vec<(DeliveryTag, Settle)>,
+        force: bool,
     ) {
         if !publishes.is_empty() {
             self.publish_batch(std::mem::take(publishes)).await;
         }
-        if !settles.is_empty() {
-            self.settle_batch(std::mem::take(settles)).await;
+        if !settles.is_empty() || force {
+            self.settle(std::mem::take(settles), force).await;
         }
     }
 
@@ -310,6 +335,9 @@ impl Session {
         warn!(uri = %self.setup.redacted, "AMQP connection lost; reconnecting");
         self.live = None;
         self.consumers.clear();
+        // Their channels are gone: the broker redelivers what they named.
+        self.deferred.clear();
+        self.deferred_since = None;
         self.declared_exchanges.clear();
         self.declared_queues.clear();
         for sub in self.subs.values_mut() {
@@ -445,6 +473,7 @@ impl Session {
     /// every unsettled delivery.
     async fn shutdown(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        self.settle_deferred().await;
         let in_flight = self.in_flight.clone();
         loop {
             let zero = in_flight.zero.notified();
