@@ -20,7 +20,7 @@
 //!   whichever is later.
 //!   * raw: one confirm channel, publishes written 256 at a time (`join_all`) with their
 //!     confirms collected concurrently (`FuturesUnordered`); the consumer decodes each body and
-//!     acks with `multiple` every 64 deliveries, and whenever its stream has nothing ready.
+//!     acks with `multiple` every 64 deliveries, and when nothing more came for 2 ms.
 //!   * microfw: a producer service's `Producer::dispatch` futures, 4096 in flight; a
 //!     consumer service with an async `EventListener` handler taking `Payload<Order>`, async
 //!     worker mode, budget 256 (so prefetch 256).
@@ -28,14 +28,14 @@
 //!   `reply_to`, `correlation_id` and a 30 s `expiration`, on a confirm channel; the reply
 //!   published on `nameko-rpc` to `reply_to`, confirmed, and only then the request acked;
 //!   replies acked by the caller): `total(order) -> amount_cents * items`, budget and
-//!   prefetch 256 on the server, prefetch 256 on the reply queue.
+//!   prefetch 256 on the server, no prefetch limit on the reply queue (microfw's default).
 //!   * 64 in flight: 64 caller tasks, each making calls one after another, M calls in all.
 //!   * sequential: one caller, one call at a time (after 200 warm-up calls); p50 and p99 of
 //!     the round trip.
 //!   * raw server: a task spawned per request (decode, reply, await the reply's confirm, ack
 //!     the request). Raw client: one confirm channel for requests, a reply queue consumed on
 //!     its own channel, a correlation map (correlation id -> oneshot) filled by the reply
-//!     consumer, which acks with `multiple` every 64 replies and whenever nothing is ready.
+//!     consumer, which acks with `multiple` every 64 replies and when nothing more came for 2 ms.
 //!   * microfw: a service with an `RpcListener` route (async handler, `Params<(Order,)>`,
 //!     `Reply<u64>`) and a caller service's `RpcProxy::call`.
 //!
@@ -70,6 +70,9 @@ const WINDOW: usize = 4096;
 const PREFETCH: u16 = 256;
 const BUDGET: u32 = 256;
 const ACK_EVERY: u64 = 64;
+/// How long a raw consumer waits for more deliveries before acking what it handled (the
+/// lapin link holds settlements back at most as long).
+const ACK_IDLE: Duration = Duration::from_millis(2);
 const PUBLISH_BATCH: usize = 256;
 const IN_FLIGHT: usize = 64;
 const WARM_UP_CALLS: usize = 200;
@@ -239,13 +242,13 @@ fn main() {
     );
     println!(
         "events: {} x {body_len}-byte JSON, persistent, confirms (window {WINDOW}), prefetch {PREFETCH}, \
-         budget {BUDGET} (async mode); raw acks multiple every {ACK_EVERY} or when idle",
+         budget {BUDGET} (async mode); raw acks multiple every {ACK_EVERY} or after {ACK_IDLE:?} idle",
         settings.events
     );
     println!(
         "rpc: Nameko dialect, persistent mandatory requests on a confirm channel, replies confirmed \
-         before the request is acked; server budget/prefetch {BUDGET}; {} calls with {IN_FLIGHT} in \
-         flight; {} sequential calls (after {WARM_UP_CALLS} warm-up) for p50/p99",
+         before the request is acked; server budget/prefetch {BUDGET}, reply queue without a prefetch \
+         limit; {} calls with {IN_FLIGHT} in flight; {} sequential calls (after {WARM_UP_CALLS} warm-up) for p50/p99",
         settings.calls, settings.sequential
     );
     println!("load average at start: {}; broker pid {broker:?}", load_average());
@@ -381,17 +384,19 @@ async fn raw_events(uri: String, events: usize, round: usize) -> f64 {
     let consume = tokio::spawn(async move {
         let (mut handled, mut unacked, mut last_tag, mut sum) = (0usize, 0u64, 0u64, 0u64);
         while handled < events {
-            // Ack what was handled whenever nothing else is ready (a consumer does not know
-            // when its stream ends), or every ACK_EVERY deliveries.
+            // Ack every ACK_EVERY deliveries, and what was handled when nothing more came for
+            // ACK_IDLE (a consumer does not know when its stream ends).
             let next = match consumer.next().now_or_never() {
                 Some(next) => next,
-                None => {
-                    if unacked > 0 {
+                None if unacked == 0 => consumer.next().await,
+                None => match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
                         channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await.expect("ack");
                         unacked = 0;
+                        consumer.next().await
                     }
-                    consumer.next().await
-                }
+                },
             };
             let Some(Ok(delivery)) = next else { break };
             let order: Order = serde_json::from_slice(&delivery.data).expect("an order");
@@ -739,8 +744,8 @@ impl RawClient {
             )
             .await
             .expect("bind");
+        // No basic.qos: no prefetch limit, as microfw's reply queue.
         let consume = conn.create_channel().await.expect("channel");
-        consume.basic_qos(PREFETCH, BasicQosOptions::default()).await.expect("qos");
         let mut consumer = consume
             .basic_consume(
                 queue.as_str().into(),
@@ -757,13 +762,15 @@ impl RawClient {
             loop {
                 let next = match consumer.next().now_or_never() {
                     Some(next) => next,
-                    None => {
-                        if unacked > 0 {
+                    None if unacked == 0 => consumer.next().await,
+                    None => match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
                             let _ = consume.basic_ack(last_tag, BasicAckOptions { multiple: true }).await;
                             unacked = 0;
+                            consumer.next().await
                         }
-                        consumer.next().await
-                    }
+                    },
                 };
                 let Some(Ok(delivery)) = next else { break };
                 let waiter = delivery
