@@ -145,6 +145,8 @@ pub(crate) struct Session {
     /// Settlements held back so that one frame covers many, and since when.
     deferred: Vec<(DeliveryTag, Settle)>,
     deferred_since: Option<Instant>,
+    /// An empty vector with capacity, for the next batch of publishes.
+    spare_publishes: Vec<(Publish, Instant)>,
 }
 
 impl Session {
@@ -173,6 +175,7 @@ impl Session {
             in_flight: Arc::default(),
             deferred: Vec::new(),
             deferred_since: None,
+            spare_publishes: Vec::new(),
         }
     }
 
@@ -256,8 +259,9 @@ impl Session {
     /// items that must wait for them. Stops early when the connection is seen down: what is
     /// left stays queued for after the reconnect.
     async fn work(&mut self) -> Flow {
-        let mut publishes = Vec::new();
-        let mut settles = Vec::new();
+        // Settlements go straight to those held back; publishes to a vector kept between
+        // calls (its capacity is reused).
+        let mut publishes = std::mem::take(&mut self.spare_publishes);
         let mut done = 0;
         // A loss noticed midway is handled where it shows: unsent publishes are queued again,
         // subscriptions are restored, barriers wait, settlements of the old channels are moot.
@@ -266,24 +270,26 @@ impl Session {
             done += 1;
             match item {
                 Item::Op(LinkOp::Publish(p)) => publishes.push((p, at)),
-                Item::Op(LinkOp::Ack(tag)) => settles.push((tag, Settle::Ack)),
-                Item::Op(LinkOp::Reject(tag, requeue)) => settles.push((tag, Settle::Reject { requeue })),
+                Item::Op(LinkOp::Ack(tag)) => self.deferred.push((tag, Settle::Ack)),
+                Item::Op(LinkOp::Reject(tag, requeue)) => {
+                    self.deferred.push((tag, Settle::Reject { requeue }))
+                }
                 Item::Op(LinkOp::Subscribe(s)) => {
-                    self.flush(&mut publishes, &mut settles, true).await;
+                    self.flush(&mut publishes, true).await;
                     self.subscribe(s).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Op(LinkOp::Unsubscribe(id)) => {
-                    self.flush(&mut publishes, &mut settles, true).await;
+                    self.flush(&mut publishes, true).await;
                     self.unsubscribe(id).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Barrier(opener) => {
-                    self.flush(&mut publishes, &mut settles, true).await;
+                    self.flush(&mut publishes, true).await;
                     if self.is_down() {
                         // Not done yet: it opens after the reconnect.
                         self.queue.push_front(Queued { item: Item::Barrier(opener), at });
@@ -293,31 +299,25 @@ impl Session {
                     opener.open(if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) });
                 }
                 Item::Close { timeout, done } => {
-                    self.flush(&mut publishes, &mut settles, true).await;
+                    self.flush(&mut publishes, true).await;
                     self.shutdown(timeout).await;
                     let _ = done.send(());
                     return Flow::Closed;
                 }
             }
         }
-        self.flush(&mut publishes, &mut settles, false).await;
+        self.flush(&mut publishes, false).await;
+        self.spare_publishes = publishes;
         Flow::Continue
     }
 
     /// Publishes, then settles (or holds the settlements back a little, unless `force`: see
     /// [`settle`](Self::settle)).
-    async fn flush(
-        &mut self,
-        publishes: &mut Vec<(Publish, Instant)>,
-        settles: &mut Vec<(DeliveryTag, Settle)>,
-        force: bool,
-    ) {
+    async fn flush(&mut self, publishes: &mut Vec<(Publish, Instant)>, force: bool) {
         if !publishes.is_empty() {
-            self.publish_batch(std::mem::take(publishes)).await;
+            self.publish_batch(publishes).await;
         }
-        if !settles.is_empty() || force {
-            self.settle(std::mem::take(settles), force).await;
-        }
+        self.settle(force).await;
     }
 
     fn is_down(&self) -> bool {

@@ -176,16 +176,11 @@ impl Session {
         });
     }
 
-    /// Takes settlements to send. They go at once, with every one held back, when `force`, or
-    /// when a channel has [`settle_batch_size`] of them waiting; otherwise they wait at most
-    /// [`SETTLE_DELAY`] for others to share their frame (a `multiple` ack), as a consumer
-    /// acking every n deliveries or when idle does.
-    pub(super) async fn settle(&mut self, settles: Vec<(DeliveryTag, Settle)>, force: bool) {
-        if self.deferred.is_empty() {
-            self.deferred = settles;
-        } else {
-            self.deferred.extend(settles);
-        }
+    /// Sends the settlements held back (`self.deferred`) when `force`, or when a channel has
+    /// [`settle_batch_size`] of them waiting; otherwise they wait at most [`SETTLE_DELAY`] for
+    /// others to share their frame (a `multiple` ack), as a consumer acking every n deliveries
+    /// or when idle does.
+    pub(super) async fn settle(&mut self, force: bool) {
         if force || self.settles_due() {
             self.settle_deferred().await;
         } else if !self.deferred.is_empty() && self.deferred_since.is_none() {
@@ -197,8 +192,12 @@ impl Session {
     pub(super) async fn settle_deferred(&mut self) {
         self.deferred_since = None;
         if !self.deferred.is_empty() {
-            let settles = std::mem::take(&mut self.deferred);
-            self.settle_batch(settles).await;
+            let mut settles = std::mem::take(&mut self.deferred);
+            self.settle_batch(&settles).await;
+            settles.clear();
+            if self.deferred.is_empty() {
+                self.deferred = settles; // keep the capacity
+            }
         }
     }
 
@@ -222,9 +221,9 @@ impl Session {
 
     /// Acks and rejects, batched per consumer channel ([`AckLedger`]). Tags of channels that
     /// are gone are dropped silently.
-    pub(super) async fn settle_batch(&mut self, settles: Vec<(DeliveryTag, Settle)>) {
+    pub(super) async fn settle_batch(&mut self, settles: &[(DeliveryTag, Settle)]) {
         let mut by_key: Vec<(u32, Vec<(u64, Settle)>)> = Vec::new();
-        for (tag, settle) in settles {
+        for &(tag, settle) in settles {
             let (key, broker_tag) = convert::unpack_tag(tag);
             match by_key.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, batch)) => batch.push((broker_tag, settle)),

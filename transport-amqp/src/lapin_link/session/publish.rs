@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -27,11 +28,12 @@ use crate::topology::Topology;
 impl Session {
     /// Encodes and declares for each publish, then writes them all and hands their confirms to
     /// the collector (in one message).
-    pub(super) async fn publish_batch(&mut self, publishes: Vec<(Publish, Instant)>) {
+    /// `publishes` is left empty (with its capacity).
+    pub(super) async fn publish_batch(&mut self, publishes: &mut Vec<(Publish, Instant)>) {
         let mut ready = Vec::with_capacity(publishes.len());
         let mut wire = Vec::with_capacity(publishes.len());
         let mut unsent = Vec::new();
-        for (publish, at) in publishes {
+        for (publish, at) in publishes.drain(..) {
             match self.prepare(&publish).await {
                 Ok(prepared) => {
                     ready.push((publish, at));
@@ -57,19 +59,26 @@ impl Session {
                 bodies.push(body);
             }
             // Write every message: each future queues its frames when first polled, so they
-            // are polled once in order, then awaited together.
-            let mut writes = Vec::with_capacity(heads.len());
-            for ((exchange, routing_key, properties, mandatory), body) in heads.into_iter().zip(&bodies) {
-                let options = BasicPublishOptions { mandatory, immediate: false };
-                let mut write =
-                    Box::pin(channel.basic_publish(exchange, routing_key, options, body, properties));
+            // are polled once in order, then awaited together. A `join_all` of at most
+            // WRITE_CHUNK futures keeps them in one allocation and polls them in order.
+            let mut writes = Vec::with_capacity(heads.len().div_ceil(WRITE_CHUNK));
+            let mut heads = heads.into_iter();
+            let mut body_of = bodies.iter();
+            while heads.len() > 0 {
+                let chunk = heads.by_ref().take(WRITE_CHUNK).zip(body_of.by_ref()).map(
+                    |((exchange, routing_key, properties, mandatory), body)| {
+                        let options = BasicPublishOptions { mandatory, immediate: false };
+                        channel.basic_publish(exchange, routing_key, options, body, properties)
+                    },
+                );
+                let mut write = join_all(chunk);
                 let first = poll_once(&mut write).await;
                 writes.push((write, first));
             }
-            let mut results = Vec::with_capacity(writes.len());
+            let mut results = Vec::with_capacity(ready.len());
             for (write, first) in writes {
-                results.push(match first {
-                    Poll::Ready(result) => result,
+                results.extend(match first {
+                    Poll::Ready(chunk) => chunk,
                     Poll::Pending => write.await,
                 });
             }
@@ -187,6 +196,10 @@ pub(super) struct Prepared {
     body: Bytes,
 }
 
+/// Publishes whose writes share one allocation (a `join_all` at most this long polls its
+/// futures in order, from one boxed slice: see the test below).
+const WRITE_CHUNK: usize = 16;
+
 /// The confirms of one batch of written publishes, for the collector.
 pub(super) type Written = Vec<(PublishId, PublisherConfirm)>;
 
@@ -242,5 +255,33 @@ fn confirmation(result: lapin::Result<Confirmation>) -> Result<(), PublishError>
         Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable),
         Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
         Err(e) => Err(PublishError::LinkDown(format!("no confirm from the broker: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Waker};
+
+    use super::*;
+
+    /// The writes of a chunk must queue their frames in order: `join_all` polls a chunk's
+    /// futures in order, on its first poll.
+    #[test]
+    fn a_chunk_of_writes_is_first_polled_in_order() {
+        for n in [1, WRITE_CHUNK - 1, WRITE_CHUNK] {
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let futures = (0..n).map(|i| {
+                let order = order.clone();
+                async move {
+                    order.lock().unwrap().push(i);
+                    std::future::pending::<()>().await;
+                }
+            });
+            let mut all = join_all(futures);
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(all.poll_unpin(&mut cx).is_pending());
+            assert_eq!(*order.lock().unwrap(), (0..n).collect::<Vec<_>>());
+        }
     }
 }
