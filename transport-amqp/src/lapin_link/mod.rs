@@ -13,10 +13,15 @@
 //! * Deliveries are decoded on the consumer's task and handed over with the driver's
 //!   [`LinkWaker`]. The link's [`DeliveryTag`](microfw_core::DeliveryTag) packs the consumer
 //!   channel's number (new for every channel opened) and the broker's tag.
-//! * Acks and rejects of one hand-over are batched per channel: one `multiple` ack over the
-//!   contiguous run of settled tags, single acks above a gap (so a slow handler never holds
-//!   other settled deliveries' prefetch slots). Settling a tag of a channel that is gone (a
-//!   reconnect happened) does nothing: the broker redelivers the message.
+//! * Acks and rejects are batched per channel: one `multiple` ack over the contiguous run of
+//!   settled tags, single acks above a gap (so a slow handler never holds other settled
+//!   deliveries' prefetch slots). Settlements wait, at most 2 ms, until a channel has a
+//!   quarter of its prefetch of them (at most 64; nothing waits under a prefetch of 8), so one
+//!   frame covers many; a barrier, a subscription change and closing send them at once.
+//!   Settling a tag of a channel that is gone (a reconnect happened) does nothing: the broker
+//!   redelivers the message.
+//! * Deliveries and publish confirms that arrive together are handed over together (one lock
+//!   of the shared inbox, one wake-up of the driver).
 //! * Publishes are pipelined: everything handed over in one go is written, then the
 //!   confirms are collected on a task of their own. A `basic.return` confirms
 //!   [`PublishError::Unroutable`](microfw_core::PublishError::Unroutable), a `basic.nack`
@@ -241,13 +246,30 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn deliver(&self, delivery: Delivery) {
-        self.inbox().deliveries.push(delivery);
+    /// Hands several deliveries over at once (one lock, one wake-up).
+    pub(crate) fn deliver_all(&self, deliveries: &mut Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        self.inbox().deliveries.append(deliveries);
         self.waker.wake();
     }
 
     pub(crate) fn confirm(&self, id: PublishId, result: Result<(), PublishError>) {
         self.inbox().confirms.push((id, result));
+        self.waker.wake();
+    }
+
+    /// Hands several confirms over at once (one lock, one wake-up).
+    pub(crate) fn confirm_all(
+        &self,
+        confirms: impl IntoIterator<Item = (PublishId, Result<(), PublishError>)>,
+    ) {
+        let mut confirms = confirms.into_iter().peekable();
+        if confirms.peek().is_none() {
+            return;
+        }
+        self.inbox().confirms.extend(confirms);
         self.waker.wake();
     }
 
@@ -267,7 +289,11 @@ struct LapinLink {
 impl Link for LapinLink {
     fn exchange(&mut self, _now: Instant, ops: &mut Vec<LinkOp>, inbox: &mut LinkInbox) -> Option<Instant> {
         if !ops.is_empty() {
-            let ops = std::mem::take(ops);
+            // One allocation of the right size; `ops` keeps its capacity for the next turn
+            // (taking it would make the driver grow a new vector, copying, every turn).
+            let mut batch = Vec::with_capacity(ops.len());
+            batch.append(ops);
+            let ops = batch;
             if let Err(mpsc::error::SendError(Command::Ops(ops))) = self.commands.send(Command::Ops(ops)) {
                 // The session is gone (closed): publishes fail, settlements are moot.
                 for op in ops {

@@ -16,9 +16,9 @@ use std::time::Duration;
 use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::ShortString;
-use lapin::{Channel, Connection, ErrorKind, PublisherConfirm};
+use lapin::{Channel, Connection, ErrorKind};
 use microfw_core::link::{BarrierOpener, LinkError, LinkOp};
-use microfw_core::{DeliveryTag, Publish, PublishError, PublishId, Source, SubscriptionId};
+use microfw_core::{DeliveryTag, Publish, PublishError, Source, SubscriptionId};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -88,6 +88,8 @@ struct Sub {
 struct ConsumerChannel {
     channel: Channel,
     ledger: AckLedger,
+    /// How many of its settlements are held back for one frame ([`consume::settle_batch_size`]).
+    batch: usize,
 }
 
 /// The current connection and its shared channels.
@@ -95,7 +97,7 @@ struct Live {
     conn: Connection,
     declare: Channel,
     publish: Channel,
-    confirms: mpsc::UnboundedSender<(PublishId, PublisherConfirm)>,
+    confirms: mpsc::UnboundedSender<publish::Written>,
 }
 
 /// Publish confirms not yet reported.
@@ -140,6 +142,11 @@ pub(crate) struct Session {
     failures: Vec<String>,
     queue: VecDeque<Queued>,
     in_flight: Arc<InFlight>,
+    /// Settlements held back so that one frame covers many, and since when.
+    deferred: Vec<(DeliveryTag, Settle)>,
+    deferred_since: Option<Instant>,
+    /// An empty vector with capacity, for the next batch of publishes.
+    spare_publishes: Vec<(Publish, Instant)>,
 }
 
 impl Session {
@@ -166,6 +173,9 @@ impl Session {
             failures: Vec::new(),
             queue: VecDeque::new(),
             in_flight: Arc::default(),
+            deferred: Vec::new(),
+            deferred_since: None,
+            spare_publishes: Vec::new(),
         }
     }
 
@@ -183,7 +193,14 @@ impl Session {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(HEALTH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires when settlements held back are due; moved only when that instant changes.
+        let settle_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(settle_timer);
+        let mut armed: Option<Instant> = None;
         loop {
+            if self.settle_deadline().is_some_and(|due| due <= Instant::now()) {
+                self.settle_deferred().await;
+            }
             if self.live.is_none() {
                 if self.reconnect().await == Flow::Closed {
                     return;
@@ -203,6 +220,13 @@ impl Session {
                 self.check_health();
                 continue;
             }
+            let deadline = self.settle_deadline();
+            if let Some(due) = deadline
+                && armed != Some(due)
+            {
+                settle_timer.as_mut().reset(due);
+            }
+            armed = deadline;
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(command) => self.enqueue(command),
@@ -212,6 +236,7 @@ impl Session {
                     }
                 },
                 Some(event) = self.internal.recv() => self.internal_event(event).await,
+                () = &mut settle_timer, if armed.is_some() => self.settle_deferred().await,
                 _ = tick.tick() => self.check_health(),
             }
         }
@@ -234,8 +259,9 @@ impl Session {
     /// items that must wait for them. Stops early when the connection is seen down: what is
     /// left stays queued for after the reconnect.
     async fn work(&mut self) -> Flow {
-        let mut publishes = Vec::new();
-        let mut settles = Vec::new();
+        // Settlements go straight to those held back; publishes to a vector kept between
+        // calls (its capacity is reused).
+        let mut publishes = std::mem::take(&mut self.spare_publishes);
         let mut done = 0;
         // A loss noticed midway is handled where it shows: unsent publishes are queued again,
         // subscriptions are restored, barriers wait, settlements of the old channels are moot.
@@ -244,24 +270,26 @@ impl Session {
             done += 1;
             match item {
                 Item::Op(LinkOp::Publish(p)) => publishes.push((p, at)),
-                Item::Op(LinkOp::Ack(tag)) => settles.push((tag, Settle::Ack)),
-                Item::Op(LinkOp::Reject(tag, requeue)) => settles.push((tag, Settle::Reject { requeue })),
+                Item::Op(LinkOp::Ack(tag)) => self.deferred.push((tag, Settle::Ack)),
+                Item::Op(LinkOp::Reject(tag, requeue)) => {
+                    self.deferred.push((tag, Settle::Reject { requeue }))
+                }
                 Item::Op(LinkOp::Subscribe(s)) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, true).await;
                     self.subscribe(s).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Op(LinkOp::Unsubscribe(id)) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, true).await;
                     self.unsubscribe(id).await;
                     if self.is_down() {
                         break;
                     }
                 }
                 Item::Barrier(opener) => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, true).await;
                     if self.is_down() {
                         // Not done yet: it opens after the reconnect.
                         self.queue.push_front(Queued { item: Item::Barrier(opener), at });
@@ -271,28 +299,25 @@ impl Session {
                     opener.open(if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) });
                 }
                 Item::Close { timeout, done } => {
-                    self.flush(&mut publishes, &mut settles).await;
+                    self.flush(&mut publishes, true).await;
                     self.shutdown(timeout).await;
                     let _ = done.send(());
                     return Flow::Closed;
                 }
             }
         }
-        self.flush(&mut publishes, &mut settles).await;
+        self.flush(&mut publishes, false).await;
+        self.spare_publishes = publishes;
         Flow::Continue
     }
 
-    async fn flush(
-        &mut self,
-        publishes: &mut Vec<(Publish, Instant)>,
-        settles: &mut Vec<(DeliveryTag, Settle)>,
-    ) {
+    /// Publishes, then settles (or holds the settlements back a little, unless `force`: see
+    /// [`settle`](Self::settle)).
+    async fn flush(&mut self, publishes: &mut Vec<(Publish, Instant)>, force: bool) {
         if !publishes.is_empty() {
-            self.publish_batch(std::mem::take(publishes)).await;
+            self.publish_batch(publishes).await;
         }
-        if !settles.is_empty() {
-            self.settle_batch(std::mem::take(settles)).await;
-        }
+        self.settle(force).await;
     }
 
     fn is_down(&self) -> bool {
@@ -310,6 +335,9 @@ impl Session {
         warn!(uri = %self.setup.redacted, "AMQP connection lost; reconnecting");
         self.live = None;
         self.consumers.clear();
+        // Their channels are gone: the broker redelivers what they named.
+        self.deferred.clear();
+        self.deferred_since = None;
         self.declared_exchanges.clear();
         self.declared_queues.clear();
         for sub in self.subs.values_mut() {
@@ -445,6 +473,7 @@ impl Session {
     /// every unsettled delivery.
     async fn shutdown(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        self.settle_deferred().await;
         let in_flight = self.in_flight.clone();
         loop {
             let zero = in_flight.zero.notified();
@@ -473,8 +502,9 @@ impl Session {
 }
 
 impl InFlight {
-    fn done(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// `n` confirms were reported.
+    fn done_many(&self, n: usize) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::AcqRel) == n {
             self.zero.notify_waiters();
         }
     }
@@ -503,7 +533,7 @@ async fn open_publish_channel(
     conn: &Connection,
     shared: Arc<Shared>,
     in_flight: Arc<InFlight>,
-) -> Result<(Channel, mpsc::UnboundedSender<(PublishId, PublisherConfirm)>), lapin::Error> {
+) -> Result<(Channel, mpsc::UnboundedSender<publish::Written>), lapin::Error> {
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     QueueDeclareOptions,
@@ -15,6 +15,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::types::{FieldTable, ShortString};
 use microfw_core::{Delivery, DeliveryTag, LinkId, Source, SubscriptionId};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::super::Shared;
@@ -99,7 +100,8 @@ impl Session {
             };
             tokio::spawn(task.run(consumer));
         }
-        self.consumers.insert(key, ConsumerChannel { channel, ledger: AckLedger::default() });
+        let batch = settle_batch_size(prefetch);
+        self.consumers.insert(key, ConsumerChannel { channel, ledger: AckLedger::default(), batch });
         if let Some(sub) = self.subs.get_mut(&id) {
             sub.running = Some(key);
             sub.consumer_tags = tags;
@@ -174,11 +176,54 @@ impl Session {
         });
     }
 
+    /// Sends the settlements held back (`self.deferred`) when `force`, or when a channel has
+    /// [`settle_batch_size`] of them waiting; otherwise they wait at most [`SETTLE_DELAY`] for
+    /// others to share their frame (a `multiple` ack), as a consumer acking every n deliveries
+    /// or when idle does.
+    pub(super) async fn settle(&mut self, force: bool) {
+        if force || self.settles_due() {
+            self.settle_deferred().await;
+        } else if !self.deferred.is_empty() && self.deferred_since.is_none() {
+            self.deferred_since = Some(Instant::now());
+        }
+    }
+
+    /// Sends every settlement held back.
+    pub(super) async fn settle_deferred(&mut self) {
+        self.deferred_since = None;
+        if !self.deferred.is_empty() {
+            let mut settles = std::mem::take(&mut self.deferred);
+            self.settle_batch(&settles).await;
+            settles.clear();
+            if self.deferred.is_empty() {
+                self.deferred = settles; // keep the capacity
+            }
+        }
+    }
+
+    /// When the settlements held back must go out, if any are.
+    pub(super) fn settle_deadline(&self) -> Option<Instant> {
+        self.deferred_since.map(|since| since + SETTLE_DELAY)
+    }
+
+    /// True when a channel has a batch's worth of settlements held back.
+    fn settles_due(&self) -> bool {
+        let mut counts: Vec<(u32, usize)> = Vec::new();
+        for (tag, _) in &self.deferred {
+            let (key, _) = convert::unpack_tag(*tag);
+            match counts.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((key, 1)),
+            }
+        }
+        counts.iter().any(|(key, n)| self.consumers.get(key).is_some_and(|c| *n >= c.batch))
+    }
+
     /// Acks and rejects, batched per consumer channel ([`AckLedger`]). Tags of channels that
     /// are gone are dropped silently.
-    pub(super) async fn settle_batch(&mut self, settles: Vec<(DeliveryTag, Settle)>) {
+    pub(super) async fn settle_batch(&mut self, settles: &[(DeliveryTag, Settle)]) {
         let mut by_key: Vec<(u32, Vec<(u64, Settle)>)> = Vec::new();
-        for (tag, settle) in settles {
+        for &(tag, settle) in settles {
             let (key, broker_tag) = convert::unpack_tag(tag);
             match by_key.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, batch)) => batch.push((broker_tag, settle)),
@@ -215,6 +260,20 @@ impl Session {
     }
 }
 
+/// How long a settlement may be held back for others to share its frame.
+pub(super) const SETTLE_DELAY: Duration = Duration::from_millis(2);
+/// The most settlements of one channel held back.
+const MAX_SETTLE_BATCH: u32 = 64;
+
+/// How many settlements of a channel consuming with `prefetch` may wait for one frame: a
+/// quarter of the prefetch (so at most a quarter of the window waits for its ack), at most
+/// [`MAX_SETTLE_BATCH`]; 1 (nothing waits) under a prefetch of 8. A prefetch of 0 (no limit:
+/// reply queues) takes the most.
+pub(super) fn settle_batch_size(prefetch: u32) -> usize {
+    let size = if prefetch == 0 { MAX_SETTLE_BATCH } else { (prefetch / 4).clamp(1, MAX_SETTLE_BATCH) };
+    size as usize
+}
+
 /// One consumer's task: decodes deliveries into the shared inbox.
 pub(super) struct ConsumerTask {
     sub: SubscriptionId,
@@ -224,29 +283,68 @@ pub(super) struct ConsumerTask {
     internal: mpsc::UnboundedSender<Internal>,
 }
 
+/// At most this many deliveries are handed to the driver at once.
+const DELIVERY_BATCH: usize = 256;
+
 impl ConsumerTask {
     pub(super) async fn run(self, mut consumer: lapin::Consumer) {
-        let reason = loop {
-            match consumer.next().await {
-                Some(Ok(delivery)) => {
-                    if delivery.delivery_tag > MAX_BROKER_TAG {
-                        break "the channel's delivery tags ran out".to_owned();
+        let mut batch = Vec::new();
+        let reason = 'consume: loop {
+            let mut next = consumer.next().await;
+            // Then every delivery already there, without waiting: they go to the driver
+            // together (one lock, one wake-up). The next `.await` polls the stream with this
+            // task's waker again before the task sleeps.
+            loop {
+                match next {
+                    Some(Ok(delivery)) => {
+                        if delivery.delivery_tag > MAX_BROKER_TAG {
+                            self.shared.deliver_all(&mut batch);
+                            break 'consume "the channel's delivery tags ran out".to_owned();
+                        }
+                        batch.push(self.delivery(delivery));
                     }
-                    let tag = convert::pack_tag(self.key, delivery.delivery_tag);
-                    let redelivered = delivery.redelivered;
-                    let envelope = decode(&self.source, convert::incoming(delivery));
-                    self.shared.deliver(Delivery {
-                        link: LinkId::from_raw(0),
-                        tag,
-                        subscription: self.sub,
-                        redelivered,
-                        envelope,
-                    });
+                    Some(Err(e)) => {
+                        self.shared.deliver_all(&mut batch);
+                        break 'consume e.to_string();
+                    }
+                    None => {
+                        self.shared.deliver_all(&mut batch);
+                        break 'consume "cancelled".to_owned();
+                    }
                 }
-                Some(Err(e)) => break e.to_string(),
-                None => break "cancelled".to_owned(),
+                if batch.len() >= DELIVERY_BATCH {
+                    break;
+                }
+                match consumer.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
             }
+            self.shared.deliver_all(&mut batch);
         };
         let _ = self.internal.send(Internal::ConsumerEnded { sub: self.sub, key: self.key, reason });
+    }
+
+    fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
+        let tag = convert::pack_tag(self.key, delivery.delivery_tag);
+        let redelivered = delivery.redelivered;
+        let envelope = decode(&self.source, convert::incoming(delivery));
+        Delivery { link: LinkId::from_raw(0), tag, subscription: self.sub, redelivered, envelope }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quarter_of_the_prefetch_waits_for_one_frame_and_small_windows_none() {
+        assert_eq!(settle_batch_size(256), 64);
+        assert_eq!(settle_batch_size(1000), 64);
+        assert_eq!(settle_batch_size(0), 64);
+        assert_eq!(settle_batch_size(32), 8);
+        assert_eq!(settle_batch_size(7), 1);
+        assert_eq!(settle_batch_size(3), 1);
+        assert_eq!(settle_batch_size(1), 1);
     }
 }
