@@ -107,7 +107,6 @@ pub(crate) struct Driver<S> {
     pub(crate) outcomes: Vec<Finished>,
     /// The service's metric handles (no-ops unless a recorder was current at start).
     pub(crate) metrics: ServiceMetrics,
-    pub(crate) force_exchange: bool,
     pub(crate) shutting_down: bool,
     pub(crate) stopped: Option<usize>,
     /// An input the wait received, fed in the next turn after the inbox.
@@ -198,7 +197,8 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
         for _ in 0..MAX_PASSES {
             // The links first: deliveries that arrived before an input was sent are fed
             // before that input (a stop does not overtake work already delivered).
-            let woken = self.waker.take() || std::mem::take(&mut self.force_exchange);
+            // A load first: the swap (a write) only when a link did wake us.
+            let woken = self.waker.is_pending() && self.waker.take();
             if woken || self.links.has_ops() || self.links.deadline().is_some_and(|t| t <= now) {
                 self.links.exchange(now, woken, &mut self.arrivals);
             }
@@ -265,7 +265,8 @@ impl<S: Clone + Send + Sync + 'static> Driver<S> {
                 let id = self.engine.handle_emit(now, event);
                 self.emits.insert(id, reply);
             }
-            Input::Wake => self.force_exchange = true,
+            // The waker's flag, checked each pass, is what says a link has arrivals.
+            Input::Wake => {}
             Input::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;

@@ -299,7 +299,6 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
             arrivals: Default::default(),
             outcomes: Vec::new(),
             metrics,
-            force_exchange: false,
             shutting_down: false,
             stopped: None,
             received: None,
