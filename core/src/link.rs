@@ -26,6 +26,12 @@ use crate::config::Config;
 use crate::ids::{DeliveryTag, PublishId, SubscriptionId};
 use crate::time::Instant;
 
+/// How long a runtime waits for a link's set-up ([`Link::barrier`]) at start.
+pub const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a runtime lets a link flush its last operations and close ([`Link::close`]).
+pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A link operation from one of an Engine's actions ([`Action::Subscribe`](crate::Action),
 /// `Unsubscribe`, `Publish`, `Ack`, `Reject`), as a runtime batches them until its next
 /// [`Link::exchange`]. A link carries them out in order.
@@ -211,7 +217,6 @@ struct Slot {
     transports: Vec<Transport>,
     ops: Vec<LinkOp>,
     deadline: Option<Instant>,
-    inbox: LinkInbox,
 }
 
 fn transport_index(t: Transport) -> usize {
@@ -238,13 +243,7 @@ impl Links {
         for slot in &mut self.slots {
             slot.transports.retain(|t| !transports.contains(t));
         }
-        self.slots.push(Slot {
-            link,
-            transports: transports.to_vec(),
-            ops: Vec::new(),
-            deadline: None,
-            inbox: LinkInbox::default(),
-        });
+        self.slots.push(Slot { link, transports: transports.to_vec(), ops: Vec::new(), deadline: None });
     }
 
     /// Takes a link action (`Subscribe`, `Unsubscribe`, `Publish`, `Ack`, `Reject`) and
@@ -298,14 +297,15 @@ impl Links {
         let mut deadline: Option<Instant> = None;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if all || !slot.ops.is_empty() || slot.deadline.is_some_and(|t| t <= now) {
-                slot.deadline = slot.link.exchange(now, &mut slot.ops, &mut slot.inbox);
+                // The link appends straight to the driver's inbox; only its new deliveries
+                // are stamped.
+                let first = inbox.deliveries.len();
+                slot.deadline = slot.link.exchange(now, &mut slot.ops, inbox);
                 let link = crate::ids::LinkId::from_raw(index as u32);
-                for mut delivery in slot.inbox.deliveries.drain(..) {
+                for delivery in &mut inbox.deliveries[first..] {
                     delivery.link = link;
-                    inbox.deliveries.push(delivery);
                 }
-                inbox.confirms.append(&mut slot.inbox.confirms);
-                if std::mem::take(&mut slot.inbox.reply_queue_lost) {
+                if std::mem::take(&mut inbox.reply_queue_lost) {
                     lost.extend(slot.transports.iter().copied());
                 }
             }

@@ -101,6 +101,12 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// True when some route is a WebSocket RPC method (the runtimes then open a WebSocket
+    /// link for the service).
+    pub fn serves_websocket(&self) -> bool {
+        self.routes.iter().any(|(route, _)| matches!(route.entrypoint, Entrypoint::WsRpc(_)))
+    }
+
     /// Checks that the parts fit together; [`Service::build`] output always does.
     pub fn check(&self) -> Result<(), BuildError> {
         let bad = |what: String| Err(BuildError::InconsistentSpec(what));

@@ -21,7 +21,7 @@ use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use microfw_core::extract::Extensions;
-use microfw_core::link::{Arrivals, LinkWaker, Links};
+use microfw_core::link::{Arrivals, LINK_CLOSE_TIMEOUT, LinkWaker, Links};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::{
     Action, CallError, CallId, Dispatch, DispatchId, Engine, EngineEvent, Instant, Outcome, OutgoingCall,
@@ -99,9 +99,6 @@ pub(crate) struct Driver {
     pub(crate) shutting_down: bool,
     pub(crate) stopped: Option<usize>,
 }
-
-/// How long a link may take to flush its last operations and close.
-const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
 const INPUT_BATCH: usize = 256;

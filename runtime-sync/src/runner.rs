@@ -20,7 +20,7 @@ use crate::client::{Producer, RpcProxy, ServiceHandle};
 use crate::driver::{self, Driver, Input, StopReport};
 use crate::exporter::MetricsLease;
 use microfw_core::Transport;
-use microfw_core::link::{Connect, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{Connect, LINK_SETUP_TIMEOUT, LinkSpec, LinkWaker, Links};
 
 use crate::hub::{MemoryHubHandle, now};
 use crate::pool::Pool;
@@ -253,7 +253,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         let websocket = match websocket {
             Some(connector) => Some(connector),
             #[cfg(feature = "ws")]
-            None if serves_websocket(&spec) => {
+            None if spec.serves_websocket() => {
                 let server = microfw_transport_ws::sync::WsServer::new(websocket_options)
                     .with_connections_gauge(metrics.ws_connections());
                 websocket_handle = Some(server.handle());
@@ -455,16 +455,7 @@ fn start_pool<S: Clone + Send + Sync + 'static>(
         .map_err(|e| StartError::Threads(format!("context {index}: {e}")))
 }
 
-/// How long a link may take to declare and start the service's consumers at start.
-const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Opens the broker link, and the WebSocket link when one is configured (otherwise the
-/// True when some route of `spec` is a WebSocket RPC method.
-#[cfg(feature = "ws")]
-fn serves_websocket(spec: &ServiceSpec) -> bool {
-    spec.routes.iter().any(|(r, _)| matches!(r.entrypoint, microfw_core::route::Entrypoint::WsRpc(_)))
-}
-
 /// broker link carries WebSocket RPC too).
 fn open_links(
     service: &str,

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use microfw_core::link::{Arrivals, LinkWaker, Links};
+use microfw_core::link::{Arrivals, LINK_CLOSE_TIMEOUT, LinkWaker, Links};
 
 use crate::hub::{now, to_tokio};
 use crate::pool::{Pool, WorkItem};
@@ -139,9 +139,6 @@ impl Hasher for IdHasher {
         self.write_u64(u64::from(n));
     }
 }
-
-/// How long a link may take to flush its last operations and close.
-const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Inputs taken from the channel per pass, so deliveries and the hub get their turn.
 const INPUT_BATCH: usize = 256;

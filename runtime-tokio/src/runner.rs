@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use microfw_core::config::{Config, ConfigError, ModeError, WorkerMode};
 use microfw_core::extract::Extensions;
-use microfw_core::link::{ConnectAsync, LinkSpec, LinkWaker, Links};
+use microfw_core::link::{ConnectAsync, LINK_SETUP_TIMEOUT, LinkSpec, LinkWaker, Links};
 use microfw_core::metrics::ServiceMetrics;
 use microfw_core::route::ContextSpec;
 use microfw_core::{BuildError, Engine, RunnerContext, ServiceSpec, Transport};
@@ -268,7 +268,7 @@ impl<S: Clone + Send + Sync + 'static> Runner<S> {
         let websocket = match websocket {
             Some(connector) => Some(connector),
             #[cfg(feature = "ws")]
-            None if serves_websocket(&spec) => {
+            None if spec.serves_websocket() => {
                 let server = microfw_transport_ws::tokio::WsServer::new(websocket_options)
                     .with_connections_gauge(metrics.ws_connections());
                 websocket_handle = Some(server.handle());
@@ -466,15 +466,6 @@ async fn release(lease: Option<MetricsLease>) {
         lease.release().await;
     }
 }
-
-/// True when some route of `spec` is a WebSocket RPC method.
-#[cfg(feature = "ws")]
-fn serves_websocket(spec: &ServiceSpec) -> bool {
-    spec.routes.iter().any(|(r, _)| matches!(r.entrypoint, microfw_core::route::Entrypoint::WsRpc(_)))
-}
-
-/// How long a link may take to declare and start the service's consumers at start.
-const LINK_SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the broker link, and the WebSocket link when one is configured (otherwise the
 /// broker link carries WebSocket RPC too).
